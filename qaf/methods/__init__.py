@@ -1,0 +1,1 @@
+"""Compression methods: one ``Method`` subclass per family (see ``qaf.methods.base``)."""

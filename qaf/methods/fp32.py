@@ -1,0 +1,18 @@
+"""``method=fp32``: nothing compressed; the float reference."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from qaf.methods.base import CompressContext, Method
+
+
+class FP32(Method):
+    """Leave the model in float (BOPs counted at 32x32 bits)."""
+
+    name = "fp32"
+    bn_calibration = False
+    observe_activations = False
+
+    def compress(self, model: nn.Module, ctx: CompressContext) -> list[dict]:
+        return []

@@ -1,0 +1,82 @@
+"""The accuracy-vs-cost plot: top-1 against %BOPs, one series per method and bit widths, the
+float model as a horizontal line, the paper's points (when known) as hollow markers."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: works on headless machines and inside launchers
+import matplotlib.pyplot as plt  # noqa: E402
+
+from qaf.report.tables import FLOAT_METHOD, Row  # noqa: E402
+
+
+def _series(rows: list[Row]) -> dict[str, list[Row]]:
+    """Rows grouped by method and bit widths, each series sorted by %BOPs."""
+    series: dict[str, list[Row]] = defaultdict(list)
+    for row in rows:
+        if row.method != FLOAT_METHOD:
+            series[f"{row.label} w{row.w_bits}a{row.a_bits}"].append(row)
+    return {name: sorted(rs, key=lambda r: r.bops_pct or r.paper_bops_pct or 0.0)
+            for name, rs in sorted(series.items())}
+
+
+def plot_pareto(rows: list[Row], path: Path, title: str) -> Path:
+    """Write ``pareto.png``: top-1 against %BOPs, one panel per (model, data).
+
+    Parameters
+    ----------
+    rows : list[Row]
+        From :func:`qaf.report.tables.aggregate`.
+    path : Path
+        Output PNG file.
+    title : str
+        Figure title.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    panels = sorted({r.key[:2] for r in rows}) or [("", "")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.8), squeeze=False)
+    for ax, (model, data) in zip(axes[0], panels):
+        panel_rows = [r for r in rows if r.key[:2] == (model, data)]
+        _draw_panel(ax, panel_rows)
+        ax.set_title(f"{model} / {data}" if model else "")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _draw_panel(ax: plt.Axes, rows: list[Row]) -> None:
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, series) in enumerate(_series(rows).items()):
+        color = colors[i % len(colors)]
+        ours = [r for r in series if r.top1 is not None and r.bops_pct is not None]
+        if ours:
+            ax.errorbar([r.bops_pct for r in ours], [r.top1 for r in ours],
+                        yerr=[r.top1_std or 0.0 for r in ours], marker="o", color=color,
+                        capsize=3, label=name)
+        paper = [r for r in series if r.paper_top1 is not None and r.paper_bops_pct is not None]
+        if paper:
+            ax.plot([r.paper_bops_pct for r in paper], [r.paper_top1 for r in paper],
+                    marker="o", markerfacecolor="none", linestyle="--", color=color,
+                    label=f"{name} (paper)")
+    for r in rows:
+        if r.method == FLOAT_METHOD and r.top1 is not None:
+            ax.axhline(r.top1, color="black", linestyle=":", label=f"Float {r.top1:.2f}")
+        if r.method == FLOAT_METHOD and r.paper_top1 is not None:
+            ax.axhline(r.paper_top1, color="gray", linestyle=":",
+                       label=f"Float {r.paper_top1:.2f} (paper)")
+    ax.set_xlabel("%BOPs of the float model")
+    ax.set_ylabel("Top-1 accuracy (%)")
+    ax.grid(True, alpha=0.3)
+    if ax.has_data():
+        ax.legend(fontsize="small")

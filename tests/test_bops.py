@@ -1,0 +1,54 @@
+"""MACs and BOPs counted by forward hooks on the model actually run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from qaf.metrics.bops import bops_pct, layer_costs, storage_bits, total_bops, total_macs
+
+
+def test_resnet18_macs_at_224_match_the_papers_constant():
+    # conv + fc 1,814,073,344 plus BN 4,967,424 (the constant behind the paper's %BOPs).
+    costs = layer_costs(torchvision.models.resnet18(), (3, 224, 224))
+    assert total_macs(costs) == 1_819_040_768
+    bn = sum(c.macs for c in costs if c.kind == "BatchNorm2d")
+    assert bn == 4_967_424
+
+
+@pytest.mark.parametrize("stride, padding, groups", [(1, 1, 1), (2, 0, 1), (1, 1, 4)])
+def test_conv_macs_formula(stride, padding, groups):
+    conv = nn.Conv2d(8, 12, 3, stride=stride, padding=padding, groups=groups)
+    (cost,) = layer_costs(conv, (8, 10, 10))
+    out = conv(torch.zeros(1, 8, 10, 10))
+    assert cost.macs == out.shape[2] * out.shape[3] * 12 * (8 // groups) * 9
+
+
+def test_bits_come_from_the_modules():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    costs = layer_costs(model, (3, 8, 8))
+    macs = [c.macs for c in costs]
+    assert total_bops(costs) == total_macs(costs) * 32 * 32
+    assert bops_pct(total_bops(costs), total_macs(costs)) == pytest.approx(100.0)
+    model[0].qaf_bits = (4, 8)
+    model[1].qaf_bits = (8, 8)
+    model[4].qaf_bits = (8, 4)
+    quantized = layer_costs(model, (3, 8, 8))
+    assert total_bops(quantized) == macs[0] * 32 + macs[1] * 64 + macs[2] * 32
+    assert bops_pct(total_bops(quantized), total_macs(costs)) < 100.0 * 64 / 1024
+
+
+def test_shared_module_counts_every_call():
+    conv = nn.Conv2d(4, 4, 1)
+    model = nn.Sequential(conv, conv)
+    assert total_macs(layer_costs(model, (4, 5, 5))) == 2 * 25 * 16
+
+
+def test_storage_bits_follow_weight_bits():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=True), nn.Linear(4, 2))
+    assert storage_bits(model) == 32 * sum(p.numel() for p in model.parameters())
+    model[0].qaf_bits = (4, 8)
+    expected = 4 * 108 + 32 * 4 + 32 * (8 + 2)
+    assert storage_bits(model) == expected

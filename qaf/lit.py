@@ -8,6 +8,8 @@ batch-norm layers back in train mode when statistics are being re-estimated.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Any
 
 import pytorch_lightning as pl
@@ -17,6 +19,11 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+# Each run builds a few Trainers; their device banners and tips would repeat in every log.
+logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 
 class Classifier(pl.LightningModule):

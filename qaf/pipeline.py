@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 import pytorch_lightning as pl
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -67,6 +68,16 @@ class Timings(dict):
             yield
         finally:
             self[name] = round(self.get(name, 0.0) + time.perf_counter() - start, 3)
+
+
+def build(node: DictConfig, **kwargs: Any) -> Any:
+    """``instantiate`` that lets a builder's ``ConfigError`` through unwrapped (Hydra wraps it)."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ConfigError):
+            raise err.__cause__ from None
+        raise
 
 
 def resolve_device(name: str) -> torch.device:
@@ -174,9 +185,9 @@ def run(cfg: DictConfig) -> dict:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     device = resolve_device(str(cfg.device))
     with timings.stage("setup"):
-        model: nn.Module = instantiate(cfg.model)
-        data: DataBundle = instantiate(cfg.data)
-        method: Method = instantiate(cfg.method, bits=cfg.bits, act_bits=cfg.act_bits, rate=float(cfg.rate))
+        model: nn.Module = build(cfg.model)
+        data: DataBundle = build(cfg.data)
+        method: Method = build(cfg.method, bits=cfg.bits, act_bits=cfg.act_bits, rate=float(cfg.rate))
         method.check(model, data)
         cache = None
         if cfg.cache.enabled:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from qaf.decomp.cp import MttkrpPlan, hadamard_except, relative_error
+from qaf.decomp.cp import MttkrpPlan, hadamard_except, relative_error, small_linalg_threads
 
 __all__ = ["EPCResult", "cp_epc", "solve_secular"]
 
@@ -157,7 +157,8 @@ def cp_epc(
     for it in range(1, n_iter + 1):
         for n in range(len(factors)):
             gamma = hadamard_except(grams, n)
-            s, v = torch.linalg.eigh(gamma)
+            with small_linalg_threads(gamma):
+                s, v = torch.linalg.eigh(gamma)
             s = s.clamp_min(0.0)
             z = plan.mttkrp(work, n).double() @ v
             zsq = z.pow(2).sum(0)

@@ -69,7 +69,7 @@ class Job:
         if self.path is None:
             return " ".join(self.overrides)
         rel = os.path.relpath(self.path, self.sweep)
-        return "." if rel == "." else rel
+        return self.path.name if rel == "." else rel  # a single run is its own sweep
 
     @property
     def method(self) -> str:
@@ -90,7 +90,7 @@ class Job:
             return self.metrics[key]
         if key in self.config:
             return self.config[key]
-        return self._override(key)
+        return _number(self._override(key))
 
     def _override(self, key: str) -> str | None:
         for item in self.overrides:
@@ -98,6 +98,18 @@ class Job:
             if k.lstrip("+~") == key:
                 return v
         return None
+
+
+def _number(text: str | None) -> int | float | str | None:
+    """An override value as a number when it is one (``bits=4`` gives 4)."""
+    if text is None:
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
 
 
 def find_job_dirs(sweep: Path) -> list[Path]:
@@ -206,7 +218,9 @@ def _last_error_line(path: Path) -> str | None:
         except OSError:
             continue
         for line in lines:
-            if "Error" in line or "Exception" in line or "Traceback" in line:
+            # Logging's ERROR level and Python exception lines; not lowercase "error", which
+            # solvers use for approximation errors in progress lines.
+            if any(mark in line for mark in ("ERROR", "Error:", "Exception", "Traceback")):
                 last = line.strip()
     return last
 

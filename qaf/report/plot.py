@@ -3,6 +3,7 @@ float model as a horizontal line, the paper's points (when known) as hollow mark
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def plot_pareto(rows: list[Row], path: Path, title: str) -> Path:
         ``path``.
     """
     panels = sorted({r.key[:2] for r in rows}) or [("", "")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(9.0 * len(panels), 5.0), squeeze=False)
     for ax, (model, data) in zip(axes[0], panels):
         panel_rows = [r for r in rows if r.key[:2] == (model, data)]
         _draw_panel(ax, panel_rows)
@@ -50,8 +51,10 @@ def plot_pareto(rows: list[Row], path: Path, title: str) -> Path:
     fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # readers never see half a PNG
+    fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
+    os.replace(tmp, path)
     return path
 
 
@@ -79,4 +82,5 @@ def _draw_panel(ax: plt.Axes, rows: list[Row]) -> None:
     ax.set_ylabel("Top-1 accuracy (%)")
     ax.grid(True, alpha=0.3)
     if ax.has_data():
-        ax.legend(fontsize="small")
+        # Outside the axes: a sweep has many series and the legend must not hide points.
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from qaf.report.collect import OK, Job
+from qaf.report.collect import INCOMPLETE, OK, Job
 
 FLOAT_METHOD = "fp32"
 # Methods whose result depends on the rate: only they show one. Baselines keep every weight.
@@ -268,7 +268,12 @@ def problem_jobs(jobs: Iterable[Job]) -> list[Job]:
 def problem_line(job: Job) -> str:
     """One line describing a job without results."""
     where = job.name
-    detail = f": {job.error}" if job.error else ""
+    if job.error:
+        detail = f": {job.error}"
+    elif job.status == INCOMPLETE:
+        detail = ": no metrics.json and no error in its log (running, killed, or crashed)"
+    else:
+        detail = ""
     return f"{job.status}: {where} [{' '.join(job.overrides)}]{detail}"
 
 

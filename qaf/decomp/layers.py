@@ -1,0 +1,103 @@
+"""Factorized layers built from CP factors.
+
+A conv weight ``W[o, i, y, x] = sum_r A[o, r] B[i, r] C[y*kw + x, r]`` is applied as
+1x1 conv (Cin -> R, weight B^T) -> depthwise kh x kw conv (R groups, weight C, the original
+stride / padding / dilation) -> 1x1 conv (R -> Cout, weight A, the original bias). A 1x1 conv
+or linear layer ``W = A B^T`` becomes two layers (Cin -> R, R -> Cout).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["CPConv2d", "CPLinear", "factorized_layer"]
+
+
+class CPConv2d(nn.Module):
+    """A conv layer given by rank-R CP factors, as three convolutions.
+
+    Parameters
+    ----------
+    conv : nn.Conv2d
+        The layer being replaced (groups == 1); supplies stride, padding, dilation, padding
+        mode and bias.
+    factors : list of Tensor
+        ``[A (Cout, R), B (Cin, R), C (kh*kw, R)]``.
+    """
+
+    def __init__(self, conv: nn.Conv2d, factors: list[Tensor]):
+        super().__init__()
+        if conv.groups != 1:
+            raise ValueError("CPConv2d needs a conv with groups == 1")
+        a, b, c = factors
+        kh, kw = conv.kernel_size
+        rank = a.shape[1]
+        if a.shape[0] != conv.out_channels or b.shape[0] != conv.in_channels or c.shape[0] != kh * kw:
+            raise ValueError("factor shapes do not match the conv weight")
+        dev, dt = conv.weight.device, conv.weight.dtype
+        self.pointwise_in = nn.Conv2d(conv.in_channels, rank, 1, bias=False)
+        self.depthwise = nn.Conv2d(
+            rank, rank, (kh, kw), stride=conv.stride, padding=conv.padding,
+            dilation=conv.dilation, groups=rank, bias=False, padding_mode=conv.padding_mode,
+        )
+        self.pointwise_out = nn.Conv2d(rank, conv.out_channels, 1, bias=conv.bias is not None)
+        with torch.no_grad():
+            self.pointwise_in.weight.copy_(b.T.reshape(rank, conv.in_channels, 1, 1))
+            self.depthwise.weight.copy_(c.T.reshape(rank, 1, kh, kw))
+            self.pointwise_out.weight.copy_(a.reshape(conv.out_channels, rank, 1, 1))
+            if conv.bias is not None:
+                self.pointwise_out.bias.copy_(conv.bias)
+        self.to(dev, dt)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pointwise_out(self.depthwise(self.pointwise_in(x)))
+
+
+class CPLinear(nn.Module):
+    """A linear layer (or 1x1 conv) ``W = A B^T`` as two layers of width R.
+
+    Parameters
+    ----------
+    layer : nn.Linear or nn.Conv2d
+        The layer being replaced (a conv must be 1x1, groups == 1); supplies the bias and, for a
+        conv, the stride.
+    factors : list of Tensor
+        ``[A (Cout, R), B (Cin, R)]``.
+    """
+
+    def __init__(self, layer: nn.Linear | nn.Conv2d, factors: list[Tensor]):
+        super().__init__()
+        a, b = factors
+        rank = a.shape[1]
+        bias = layer.bias is not None
+        first: nn.Module
+        second: nn.Module
+        if isinstance(layer, nn.Linear):
+            first, second = nn.Linear(b.shape[0], rank, bias=False), nn.Linear(rank, a.shape[0], bias=bias)
+            w1, w2 = b.T, a
+        else:
+            if layer.kernel_size != (1, 1) or layer.groups != 1:
+                raise ValueError("CPLinear replaces only 1x1 convs with groups == 1")
+            first = nn.Conv2d(b.shape[0], rank, 1, stride=layer.stride, padding=layer.padding, bias=False)
+            second = nn.Conv2d(rank, a.shape[0], 1, bias=bias)
+            w1, w2 = b.T[:, :, None, None], a[:, :, None, None]
+        with torch.no_grad():
+            first.weight.copy_(w1)
+            second.weight.copy_(w2)
+            if bias:
+                second.bias.copy_(layer.bias)
+        self.first, self.second = first, second
+        self.to(layer.weight.device, layer.weight.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.second(self.first(x))
+
+
+def factorized_layer(layer: nn.Module, factors: list[Tensor]) -> nn.Module:
+    """The CP replacement of ``layer``: :class:`CPConv2d` for 3 factors, else :class:`CPLinear`."""
+    if len(factors) == 3:
+        if not isinstance(layer, nn.Conv2d):
+            raise ValueError("3 factors need an nn.Conv2d")
+        return CPConv2d(layer, factors)
+    return CPLinear(layer, factors)

@@ -20,6 +20,10 @@ def main(cfg: DictConfig) -> float:
         logging.getLogger("qaf").error("config error: %s", err)
         print(f"qaf: config error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Exception:
+        # Into run.log too, so a sweep report can say why a job failed.
+        logging.getLogger("qaf").exception("run failed")
+        raise
     return metrics["top1"]
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 from pathlib import Path
@@ -15,17 +14,18 @@ from qaf.report import build_report
 from qaf.report.__main__ import main
 from qaf.report.collect import (FAILED, INCOMPLETE, NOT_STARTED, OK, collect_sweep,
                                 expected_overrides, latest_sweeps)
-from qaf.report.tables import aggregate, read_paper_csv, render_latex
+from qaf.report.tables import Row, aggregate, read_paper_csv, render_latex
 
 REPO = Path(__file__).resolve().parents[1]
 FP32_TOP1 = 91.73
 
 
 def metrics(method: str, bits: int, act_bits: int = 8, rate: float = 2.0, seed: int = 0,
-            top1: float = 80.0, bops_pct: float = 5.0, sweep_id: str = "s") -> dict:
+            top1: float = 80.0, bops_pct: float = 5.0, sweep_id: str = "s",
+            model: str = "resnet20_cifar") -> dict:
     """A metrics.json as the pipeline writes it (the keys of docs/design.md)."""
     return {
-        "method": method, "model": "resnet20_cifar", "data": "cifar10_embedded",
+        "method": method, "model": model, "data": "cifar10_embedded",
         "bits": bits, "act_bits": act_bits, "rate": rate, "seed": seed, "top1": top1,
         "top5": min(100.0, top1 + 8), "fp32_top1": FP32_TOP1, "macs": 41_000_000,
         "fp32_macs": 41_000_000, "bops": 1.0e9, "bops_pct": bops_pct, "params": 270_000,
@@ -143,9 +143,6 @@ def test_report_files_list_failed_and_missing_jobs(sweep: Path) -> None:
 
 
 def test_latex_has_float_row_then_rule() -> None:
-    rows = aggregate([])
-    assert "\\toprule" in render_latex(rows, "empty")
-    from qaf.report.tables import Row
     rows = [Row("m", "d", "fp32", 32, 32, None, top1=91.7, bops_pct=100.0),
             Row("m", "d", "cpd_epc", 4, 8, 2.0, top1=60.1, top1_std=0.5, bops_pct=2.07)]
     tex = render_latex(rows, "a_b")
@@ -173,6 +170,12 @@ def test_paper_column_from_experiment(tmp_path: Path) -> None:
     assert "| ADMM-EPC | 4/8 | 2 | 2.10 | 66.00 | 2.07 | 67.75 |" in md
     # A paper setting we did not run is shown, without our numbers.
     assert "| ADMM-EPC | 4/8 | 3 | – | – | 1.54 | 64.57 |" in md
+    # Reported beside a sweep of another model, the paper numbers stay with the experiment's.
+    other = tmp_path / "other"
+    make_job(other / "0", ["method=ptq"], metrics("ptq", 4, model="resnet32_cifar"))
+    rows = build_report([root, other], tmp_path / "both").rows
+    assert {r.model for r in rows if r.paper_top1 is not None} == {"resnet20_cifar"}
+    assert {r.model for r in rows} == {"resnet20_cifar", "resnet32_cifar"}
 
 
 @pytest.mark.parametrize("name", ["paper_resnet18_imagenet"])

@@ -109,7 +109,6 @@ def test_joblib_launcher_two_jobs(tmp_path: Path) -> None:
     assert len(metrics_files(sweep_dir)) == 2
 
 
-@pytest.mark.slow
 def test_submitit_local_launcher(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
     proc = run_qaf(["method=fp32,ptq", "bits=4", *TINY, "hydra/launcher=submitit_local",

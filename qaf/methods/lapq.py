@@ -37,6 +37,8 @@ from qaf.quant.uniform import make_grid, symmetric_grid, unsigned_grid
 log = logging.getLogger(__name__)
 
 WEIGHT_GRIDS = ("zero_free", "symmetric")
+#: Log a progress line every this many loss evaluations (Powell runs hundreds).
+LOG_EVERY = 25
 
 
 @dataclass
@@ -73,6 +75,9 @@ class LAPQ(Method):
         Also quantize Linear layers (default: the classifier stays in float, as in the reference).
     batch_size : int
         Batch size of the loss evaluation.
+    reuse_blocks : bool
+        Reuse the cached outputs of blocks (children of ``nn.Sequential``) that precede every clip
+        changed since the last evaluation (exact; about halves Powell's cost on ResNets).
     """
 
     name = "lapq"
@@ -82,12 +87,14 @@ class LAPQ(Method):
     def __init__(self, bits: int = 4, act_bits: int = 4, rate: float = 2.0, *, calib_samples: int = 512,
                  p_min: float = 2.0, p_max: float = 4.0, p_count: int = 10, maxiter: int = 2,
                  bias_correction: bool = True, weight_grid: str = "zero_free", skip_first: int = 1,
-                 skip_last: int = 1, quantize_linear: bool = False, batch_size: int = 256, **options):
+                 skip_last: int = 1, quantize_linear: bool = False, batch_size: int = 256,
+                 reuse_blocks: bool = True, **options):
         super().__init__(bits=bits, act_bits=act_bits, rate=rate, **options)
         self.calib_samples, self.maxiter, self.batch_size = calib_samples, maxiter, batch_size
         self.p_min, self.p_max, self.p_count = p_min, p_max, p_count
         self.bias_correction, self.weight_grid = bias_correction, weight_grid
         self.skip_first, self.skip_last, self.quantize_linear = skip_first, skip_last, quantize_linear
+        self.reuse_blocks = reuse_blocks
         self.summary: dict = {}
 
     # ------------------------------------------------------------------ checks
@@ -106,7 +113,7 @@ class LAPQ(Method):
         if self.weight_grid not in WEIGHT_GRIDS:
             raise ConfigError(f"method.weight_grid={self.weight_grid!r} is invalid: "
                               f"accepted {', '.join(WEIGHT_GRIDS)}")
-        for key in ("bias_correction", "quantize_linear"):
+        for key in ("bias_correction", "quantize_linear", "reuse_blocks"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"method.{key}={getattr(self, key)!r} is invalid: accepted true, false")
         if not self._targets(model):
@@ -150,48 +157,56 @@ class LAPQ(Method):
 
         evals = {"n": 0}
         best = {"loss": float("inf"), "x": None}
+        owners = [[name] for name in layers] + [slot.layers for slot in slots]
+        memo = BlockMemo(model, owners, batches[0][0]) if self.reuse_blocks else None
 
         def loss_at(alphas: np.ndarray) -> float:
             self._apply(layers, slots, alphas)
-            loss = calibration_loss(model, batches)
+            loss = calibration_loss(model, batches, memo, alphas)
             evals["n"] += 1
             if loss < best["loss"]:
                 best["loss"], best["x"] = loss, np.array(alphas, dtype=np.float64)
+            if evals["n"] % LOG_EVERY == 0:
+                self._log(ctx, f"lapq evaluation {evals['n']}: loss={loss:.4f} best={best['loss']:.4f}")
             return loss
 
-        alpha_max = lp_clips(None)
-        loss_max = loss_at(alpha_max)
-        self._log(ctx, f"lapq: {len(layers)} weight clips + {len(slots)} activation clips; "
-                       f"max-abs clips loss={loss_max:.4f}")
+        try:
+            alpha_max = lp_clips(None)
+            loss_max = loss_at(alpha_max)
+            self._log(ctx, f"lapq: {len(layers)} weight clips + {len(slots)} activation clips; "
+                           f"max-abs clips loss={loss_max:.4f}")
 
-        ps = np.linspace(self.p_min, self.p_max, self.p_count)
-        sweep = []
-        for i, p in enumerate(ps):
-            sweep.append(loss_at(lp_clips(float(p))))
-            self._log(ctx, f"lapq p-sweep {i + 1}/{len(ps)}: p={p:.3f} loss={sweep[-1]:.4f}")
-        p_star, fit, fallback = fit_p_star(ps, np.array(sweep))
-        if fallback:
-            self._log(ctx, f"lapq: quadratic fit unusable ({fallback}); p*={p_star:.3f} (best swept p)")
-        alpha0 = lp_clips(p_star)
-        best["loss"], best["x"] = float("inf"), None  # Powell's start is alpha(p*): best-so-far starts here
-        loss0 = loss_at(alpha0)
-        self._log(ctx, f"lapq: p*={p_star:.3f} loss={loss0:.4f}; Powell maxiter={self.maxiter} "
-                       f"over {alpha0.size} clips")
+            ps = np.linspace(self.p_min, self.p_max, self.p_count)
+            sweep = []
+            for i, p in enumerate(ps):
+                sweep.append(loss_at(lp_clips(float(p))))
+                self._log(ctx, f"lapq p-sweep {i + 1}/{len(ps)}: p={p:.3f} loss={sweep[-1]:.4f}")
+            p_star, fit, fallback = fit_p_star(ps, np.array(sweep))
+            if fallback:
+                self._log(ctx, f"lapq: quadratic fit unusable ({fallback}); p*={p_star:.3f} (best swept p)")
+            alpha0 = lp_clips(p_star)
+            best["loss"], best["x"] = float("inf"), None  # Powell's start is alpha(p*): best-so-far starts here
+            loss0 = loss_at(alpha0)
+            self._log(ctx, f"lapq: p*={p_star:.3f} loss={loss0:.4f}; Powell maxiter={self.maxiter} "
+                           f"over {alpha0.size} clips")
 
-        iteration = {"k": 0}
+            iteration = {"k": 0}
 
-        def progress(_xk: np.ndarray) -> None:
-            iteration["k"] += 1
-            self._log(ctx, f"lapq Powell iteration {iteration['k']}: best loss={best['loss']:.4f} "
-                           f"({evals['n']} loss evaluations)")
+            def progress(_xk: np.ndarray) -> None:
+                iteration["k"] += 1
+                self._log(ctx, f"lapq Powell iteration {iteration['k']}: best loss={best['loss']:.4f} "
+                               f"({evals['n']} loss evaluations)")
 
-        iterations = 0
-        if self.maxiter > 0:  # maxiter=0: LAPQ's initialisation alpha(p*) only (ablation)
-            result = minimize(loss_at, alpha0, method="Powell", callback=progress,
-                              options={"maxiter": self.maxiter, "xtol": 1e-4, "ftol": 1e-4})
-            iterations = int(result.nit)
-        final = best["x"]
-        loss_final = loss_at(final)  # re-applies the best clips to the model
+            iterations = 0
+            if self.maxiter > 0:  # maxiter=0: LAPQ's initialisation alpha(p*) only (ablation)
+                result = minimize(loss_at, alpha0, method="Powell", callback=progress,
+                                  options={"maxiter": self.maxiter, "xtol": 1e-4, "ftol": 1e-4})
+                iterations = int(result.nit)
+            final = best["x"]
+            loss_final = loss_at(final)  # re-applies the best clips to the model
+        finally:
+            if memo is not None:
+                memo.close()
         for slot in slots:
             slot.quantizer.mode = "quant"
         elapsed = time.perf_counter() - start
@@ -308,13 +323,108 @@ def calibration_batches(data, samples: int, batch_size: int, device: torch.devic
 
 
 @torch.no_grad()
-def calibration_loss(model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> float:
-    """Mean cross-entropy of ``model`` over the calibration batches (per image)."""
+def calibration_loss(model: nn.Module, batches: list[tuple[Tensor, Tensor]], memo: "BlockMemo | None" = None,
+                     alphas: np.ndarray | None = None) -> float:
+    """Mean cross-entropy of ``model`` over the calibration batches (per image).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model with its clips applied.
+    batches : list of (Tensor, Tensor)
+        Calibration images and labels.
+    memo : BlockMemo, optional
+        Block-output cache; needs the ``alphas`` the model currently carries.
+    alphas : np.ndarray, optional
+        The clips applied (for ``memo``).
+
+    Returns
+    -------
+    float
+        Cross-entropy per image.
+    """
+    if memo is not None:
+        memo.begin(alphas)
     total, count = 0.0, 0
-    for x, y in batches:
+    for i, (x, y) in enumerate(batches):
+        if memo is not None:
+            memo.batch = i
         total += F.cross_entropy(model(x), y, reduction="sum").item()
         count += len(y)
     return total / count
+
+
+class BlockMemo:
+    """Reuse outputs of blocks that no changed clip can affect.
+
+    Blocks are the outermost children of ``nn.Sequential`` containers, in execution order; each must
+    run once per forward and feed the next (true of ResNets, VGG-style nets).  A clip belongs to the
+    first block holding one of its layers; when clips change, every block from the earliest owner on
+    is recomputed and the earlier ones are served from the cache.  Clips of layers outside any block
+    invalidate everything.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model (block ``forward`` methods are patched until ``close``).
+    owners : list of list of str
+        For each clip, the names of the layers it acts on.
+    x : Tensor
+        A sample batch, to find the execution order.
+    """
+
+    def __init__(self, model: nn.Module, owners: list[list[str]], x: Tensor):
+        seqs = [n for n, m in model.named_modules() if isinstance(m, nn.Sequential)]
+        candidates = [f"{s}.{c}" if s else c for s in seqs for c, _ in model.get_submodule(s).named_children()]
+        outer = [n for n in candidates if not any(n.startswith(o + ".") for o in candidates if o != n)]
+        order: list[str] = []
+        hooks = [model.get_submodule(n).register_forward_pre_hook(lambda _m, _a, n=n: order.append(n))
+                 for n in outer]
+        try:
+            with torch.no_grad():
+                model(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        self.blocks = order if len(order) == len(set(order)) else []  # a block run twice: no reuse
+        position = {n: i for i, n in enumerate(self.blocks)}
+
+        def owner(layer: str) -> int:
+            hits = [position[b] for b in self.blocks if layer.startswith(b + ".")]
+            return min(hits) if hits else 0
+
+        self.owner = np.array([min(owner(n) for n in names) for names in owners])
+        self.batch = 0
+        self._fresh_below = 0
+        self._last: np.ndarray | None = None
+        self._cache: list[dict[int, Tensor]] = [{} for _ in self.blocks]
+        self._modules = [model.get_submodule(n) for n in self.blocks]
+        for pos, module in enumerate(self._modules):
+            module.forward = self._wrap(pos, module.forward)
+
+    def _wrap(self, pos: int, forward):
+        def cached_forward(*args, **kwargs):
+            if pos < self._fresh_below and self.batch in self._cache[pos]:
+                return self._cache[pos][self.batch]
+            out = forward(*args, **kwargs)
+            self._cache[pos][self.batch] = out
+            return out
+        return cached_forward
+
+    def begin(self, alphas: np.ndarray) -> None:
+        """Start an evaluation at clips ``alphas``: invalidate blocks from the first changed owner."""
+        if self._last is None or self._last.shape != alphas.shape:
+            self._fresh_below = 0
+        else:
+            changed = np.flatnonzero(alphas != self._last)
+            self._fresh_below = int(self.owner[changed].min()) if changed.size else len(self.blocks)
+        self._last = np.array(alphas, dtype=np.float64)
+
+    def close(self) -> None:
+        """Restore the blocks' own ``forward`` and drop the cache."""
+        for module in self._modules:
+            del module.forward
+        self._cache = [{} for _ in self.blocks]
 
 
 def fit_p_star(ps: np.ndarray, losses: np.ndarray) -> tuple[float, np.ndarray, str]:

@@ -2,8 +2,8 @@
 
 A rule chooses, per channel, the fraction ``t`` in (0, 1] of the data's extent that the grid
 covers (``t = 1`` is min-max).  MSE and Lp rules minimise ``mean |Q_t(x) - x|^p``: a vectorised
-coarse grid search over ``t`` (which always contains ``t = 1``, so the result is never worse than
-min-max) refined by golden-section search around the best coarse point.  ACIQ uses the closed-form
+coarse search over log-spaced ``t`` in [0.01, 1] (which contains ``t = 1``, so the result is never
+worse than min-max) refined by golden-section search between the best coarse point's neighbours.  ACIQ uses the closed-form
 Laplace rule ``alpha = c_b * E|x - mu|`` of Banner et al.
 """
 
@@ -86,8 +86,9 @@ def search_fraction(
     x2d: Tensor,
     build: Callable[[Tensor], "Grid"],
     p: float,
-    coarse: int = 100,
+    coarse: int = 32,
     refine_iters: int = 20,
+    t_min: float = 0.01,
 ) -> Tensor:
     """Per-row fraction ``t`` in (0, 1] minimising ``mean |Q_t(x) - x|^p``.
 
@@ -100,9 +101,12 @@ def search_fraction(
     p : float
         Norm exponent.
     coarse : int
-        Number of evenly spaced coarse candidates ``t = k / coarse``, k = 1..coarse.
+        Number of coarse candidates, log-spaced over [t_min, 1] (relative resolution matters:
+        low-bit optima of heavy-tailed data sit far below min-max).
     refine_iters : int
         Golden-section iterations in the bracket around the best coarse candidate.
+    t_min : float
+        Smallest coarse candidate.
 
     Returns
     -------
@@ -110,7 +114,8 @@ def search_fraction(
         Fractions of shape (C,); never worse than ``t = 1`` (min-max) on ``x2d``.
     """
     rows = x2d.shape[0]
-    ts = torch.arange(1, coarse + 1, device=x2d.device, dtype=x2d.dtype) / coarse
+    ts = torch.logspace(torch.log10(torch.tensor(t_min)).item(), 0.0, coarse, device=x2d.device, dtype=x2d.dtype)
+    ts[-1] = 1.0  # exactly min-max
     chunk = max(1, _CHUNK_ELEMENTS // max(1, x2d.numel()))
     errs = []
     for start in range(0, coarse, chunk):
@@ -124,9 +129,10 @@ def search_fraction(
         return lp_error(build(t.view(1, rows, 1)), x2d.unsqueeze(0), p)[0]
 
     # Golden-section search in [t_{k-1}, t_{k+1}]: the coarse grid brackets the minimum.
-    step = 1.0 / coarse
-    a = (best_t - step).clamp_min(step / 10)
-    b = (best_t + step).clamp_max(1.0)
+    ratio = float(ts[1] / ts[0])
+    a = ts[(best_k - 1).clamp_min(0)]
+    a = torch.where(best_k == 0, a / ratio, a)
+    b = ts[(best_k + 1).clamp_max(coarse - 1)]
     c = b - _GOLDEN * (b - a)
     d = a + _GOLDEN * (b - a)
     fc, fd = f(c), f(d)

@@ -62,20 +62,22 @@ class ActQuantizer(nn.Module):
         self._mode = "off"
         self.grid: Grid | None = None
         self._samples: list[Tensor] = []
+        self._unfitted = False  # observations made since the grid was last fitted or set
         self.register_buffer("running_min", torch.tensor(float("inf")))
         self.register_buffer("running_max", torch.tensor(float("-inf")))
 
     @property
     def mode(self) -> str:
-        """Current mode; setting ``"quant"`` finalizes the grid from the observations."""
+        """Current mode; setting ``"quant"`` fits the grid to observations made since the last grid."""
         return self._mode
 
     @mode.setter
     def mode(self, mode: str) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is invalid: accepted {', '.join(MODES)}")
-        if mode == "quant" and (self._mode == "observe" or self.grid is None):
+        if mode == "quant" and (self._unfitted or self.grid is None):
             self.grid = self._fit()
+            self._unfitted = False
         self._mode = mode
 
     def sample(self) -> Tensor:
@@ -86,12 +88,14 @@ class ActQuantizer(nn.Module):
         return torch.cat([*self._samples, extremes])
 
     def set_grid(self, grid: Grid) -> None:
-        """Use ``grid`` as is (a method chose the clip itself)."""
+        """Use ``grid`` as is (a method chose the clip itself); earlier observations will not refit it."""
         self.grid = grid
+        self._unfitted = False
 
     def reset(self) -> None:
         """Forget observations and grid."""
         self._samples.clear()
+        self._unfitted = False
         self.grid = None
         self.running_min.fill_(float("inf"))
         self.running_max.fill_(float("-inf"))
@@ -102,6 +106,7 @@ class ActQuantizer(nn.Module):
         )
 
     def _observe(self, x: Tensor) -> None:
+        self._unfitted = True
         flat = x.detach().reshape(-1).float()
         self.running_min.copy_(torch.minimum(self.running_min, flat.min()))
         self.running_max.copy_(torch.maximum(self.running_max, flat.max()))

@@ -7,11 +7,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from qaf.report.collect import Job, collect
+from qaf.report.collect import OK, Job, collect
 from qaf.report.html import render_html
 from qaf.report.plot import plot_pareto
-from qaf.report.tables import (Row, aggregate, read_paper_csv, render_latex, render_markdown,
-                               render_results_csv)
+from qaf.report.tables import (Row, aggregate, job_key, read_paper_csv, render_latex,
+                               render_markdown, render_results_csv)
 
 # Where experiment configs (and their .paper.csv files) live in a clone of the repository.
 REPO_EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
@@ -99,9 +99,13 @@ def build_report(sweeps: list[Path], out_dir: Path, paper_csv: Path | None = Non
         Paths written, rows and jobs.
     """
     jobs = collect(sweeps)
-    paper_csv = paper_csv or find_paper_csv(jobs)
+    paper_for = None
+    if paper_csv is None and (paper_csv := find_paper_csv(jobs)) is not None:
+        # Found through an experiment: the numbers belong to the experiment's model and data,
+        # not to other sweeps reported alongside.
+        paper_for = {job_key(j)[:2] for j in jobs if j.status == OK and j.experiment}
     paper = read_paper_csv(paper_csv) if paper_csv else None
-    rows = aggregate(jobs, paper)
+    rows = aggregate(jobs, paper, paper_for)
     title = title or "Sweep " + ", ".join(Path(s).resolve().name for s in sweeps)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -107,7 +107,8 @@ def job_key(job: Job) -> Key:
             int(m.get("bits", 32)), int(m.get("act_bits", 32)), rate)
 
 
-def aggregate(jobs: Iterable[Job], paper: dict[tuple, dict] | None = None) -> list[Row]:
+def aggregate(jobs: Iterable[Job], paper: dict[tuple, dict] | None = None,
+              paper_for: set[tuple[str, str]] | None = None) -> list[Row]:
     """Group finished jobs into table rows, mean ± std over seeds, float row first.
 
     Parameters
@@ -117,6 +118,8 @@ def aggregate(jobs: Iterable[Job], paper: dict[tuple, dict] | None = None) -> li
     paper : dict | None
         Paper numbers keyed by (method, w_bits, a_bits, rate), as from :func:`read_paper_csv`.
         Paper settings that were not run become rows without our numbers.
+    paper_for : set[tuple[str, str]] | None
+        The (model, data) pairs the paper numbers apply to; None: every pair in the jobs.
 
     Returns
     -------
@@ -141,7 +144,7 @@ def aggregate(jobs: Iterable[Job], paper: dict[tuple, dict] | None = None) -> li
             rows[key] = Row(model, data, FLOAT_METHOD, 32, 32, None, top1=statistics.fmean(values),
                             bops_pct=100.0, seeds=1)
     if paper:
-        _attach_paper(rows, paper)
+        _attach_paper(rows, paper, paper_for)
     return sorted(rows.values(), key=_sort_key)
 
 
@@ -166,8 +169,9 @@ def _mean(values: list[Any]) -> float | None:
     return statistics.fmean(nums) if nums else None
 
 
-def _attach_paper(rows: dict[Key, Row], paper: dict[tuple, dict]) -> None:
-    pairs = sorted({k[:2] for k in rows}) or [("?", "?")]
+def _attach_paper(rows: dict[Key, Row], paper: dict[tuple, dict],
+                  paper_for: set[tuple[str, str]] | None) -> None:
+    pairs = sorted(paper_for if paper_for is not None else {k[:2] for k in rows}) or [("?", "?")]
     for pkey, values in paper.items():
         for model, data in pairs:
             key = (model, data, *pkey)
@@ -274,7 +278,9 @@ def problem_line(job: Job) -> str:
         detail = ": no metrics.json and no error in its log (running, killed, or crashed)"
     else:
         detail = ""
-    return f"{job.status}: {where} [{' '.join(job.overrides)}]{detail}"
+    if job.path is not None:  # a job that never started is named by its overrides already
+        where += f" [{' '.join(job.overrides)}]"
+    return f"{job.status}: {where}{detail}"
 
 
 def render_markdown(rows: list[Row], jobs: list[Job], title: str) -> str:

@@ -1,0 +1,230 @@
+"""Quantizer properties: levels, idempotence, error vs bits, clip rules, fake-quant modules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from qaf.config import ConfigError
+from qaf.quant.clip import ACIQ_LAPLACE, ACIQ_LAPLACE_RELU, aciq_laplace_constant
+from qaf.quant.modules import ActQuantizer, QuantLayer, quantize_model, set_act_mode
+from qaf.quant.uniform import correct_mean, fake_quantize, make_grid
+
+BITS = [2, 3, 4, 8]
+# (make_grid kwargs, expected number of levels as a function of bits)
+KINDS = {
+    "symmetric": ({"symmetric": True}, lambda b: 2**b - 1),
+    "zero_free": ({"symmetric": True, "zero_free": True}, lambda b: 2**b),
+    "unsigned": ({"unsigned": True}, lambda b: 2**b),
+    "affine": ({"symmetric": False}, lambda b: 2**b),
+}
+
+
+def sample(dist: str, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if dist == "gauss":
+        return torch.randn(shape, generator=g)
+    if dist == "laplace":
+        u = torch.rand(shape, generator=g) - 0.5
+        return -torch.sign(u) * torch.log1p(-2 * u.abs())
+    if dist == "uniform":
+        return torch.rand(shape, generator=g) * 3 - 1
+    if dist == "outliers":
+        x = torch.randn(shape, generator=g)
+        x.view(-1)[:: max(1, x.numel() // 7)] *= 25
+        return x
+    raise ValueError(dist)
+
+
+def mse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a - b) ** 2).mean())
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_number_of_levels(bits: int, kind: str) -> None:
+    kwargs, expected = KINDS[kind]
+    x = torch.linspace(-1.0, 2.0, 200_001)
+    if kind == "unsigned":
+        x = x.clamp_min(0)
+    grid = make_grid(x, bits, clip="minmax", **kwargs)
+    assert grid.num_levels == expected(bits)
+    assert torch.unique(grid(x)).numel() == expected(bits)
+    assert grid.levels().numel() == expected(bits)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_zero_is_a_level_except_on_the_zero_free_grid(bits: int) -> None:
+    x = torch.randn(1000)
+    for kind in ("symmetric", "affine"):
+        assert (make_grid(x, bits, clip="minmax", **KINDS[kind][0]).levels() == 0).any()
+    levels = make_grid(x, bits, clip="minmax", symmetric=True, zero_free=True).levels()
+    assert not (levels == 0).any()
+    assert torch.allclose(levels, -levels.flip(0))  # symmetric about 0
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_idempotent(bits: int, kind: str, per_channel: bool) -> None:
+    x = sample("gauss", (8, 4, 3, 3))
+    grid = make_grid(x, bits, clip="mse", per_channel=per_channel, **KINDS[kind][0])
+    once = grid(x)
+    assert torch.equal(grid(once), once)
+    assert once.shape == x.shape and once.dtype == x.dtype
+
+
+@pytest.mark.parametrize("clip", ["minmax", "mse", "lp", "aciq"])
+@pytest.mark.parametrize("kind", ["symmetric", "affine"])
+def test_error_falls_as_bits_rise(clip: str, kind: str) -> None:
+    x = sample("laplace", (64, 512))
+    errors = [mse(fake_quantize(x, b, clip=clip, p=3.0, **KINDS[kind][0]), x) for b in range(2, 11)]
+    assert all(e1 < e0 for e0, e1 in zip(errors, errors[1:])), errors
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+@pytest.mark.parametrize("dist", ["gauss", "laplace", "uniform", "outliers"])
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("shape,per_channel", [((5000,), False), ((16, 8, 3, 3), False), ((16, 8, 3, 3), True),
+                                               ((10, 64), True)])
+def test_mse_clip_never_worse_than_minmax(bits: int, dist: str, kind: str, shape, per_channel: bool) -> None:
+    x = sample(dist, shape, seed=bits)
+    if kind == "unsigned":
+        x = x.relu()
+    kwargs = {"per_channel": per_channel, **KINDS[kind][0]}
+    e_mse = mse(fake_quantize(x, bits, clip="mse", **kwargs), x)
+    e_max = mse(fake_quantize(x, bits, clip="minmax", **kwargs), x)
+    assert e_mse <= e_max
+
+
+@pytest.mark.parametrize("dist", ["gauss", "laplace"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_lp_clip_grows_with_p(dist: str, bits: int) -> None:
+    x = sample(dist, (200_000,))
+    alphas = [float(make_grid(x, bits, clip="lp", p=p).bounds()[1]) for p in (1.5, 2.0, 2.5, 3.0, 3.5, 4.0)]
+    assert all(a1 > a0 for a0, a1 in zip(alphas, alphas[1:])), alphas
+
+
+@pytest.mark.parametrize("dist", ["gauss", "laplace"])
+@pytest.mark.parametrize("p", [2.0, 3.0, 4.0])
+def test_lp_clip_grows_with_bits(dist: str, p: float) -> None:
+    x = sample(dist, (200_000,))
+    alphas = [float(make_grid(x, b, clip="lp", p=p).bounds()[1]) for b in (2, 3, 4, 5, 6)]
+    assert all(a1 > a0 for a0, a1 in zip(alphas, alphas[1:])), alphas
+
+
+def test_mse_clip_matches_known_gaussian_optimum() -> None:
+    # Uniform 4-bit symmetric (15 levels) MSE-optimal clip for N(0, 1) is ~2.5 sigma.
+    x = sample("gauss", (400_000,))
+    assert 2.3 < float(make_grid(x, 4, clip="mse").bounds()[1]) < 2.7
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_aciq_constant_solver_matches_table(bits: int, unsigned: bool) -> None:
+    table = ACIQ_LAPLACE_RELU if unsigned else ACIQ_LAPLACE
+    if bits not in table:
+        pytest.skip("no published constant")
+    levels_exp = bits + 1 if unsigned else bits
+    solved = [a / 100 for a in range(100, 3000)]
+    best = min(solved, key=lambda a: abs(math.exp(-a) - a / (3 * 4**levels_exp)))
+    assert abs(best - table[bits]) < 0.05
+    assert aciq_laplace_constant(bits, unsigned) == table[bits]
+    assert aciq_laplace_constant(bits + 1, unsigned) > aciq_laplace_constant(bits, unsigned) or bits == 8
+
+
+def test_aciq_clip_on_laplace_data() -> None:
+    x = sample("laplace", (200_000,))  # b = 1
+    alpha = float(make_grid(x, 4, clip="aciq").bounds()[1])
+    assert abs(alpha - ACIQ_LAPLACE[4]) < 0.1
+
+
+@pytest.mark.parametrize("ch_axis", [0, 1])
+def test_per_channel_grid_shape(ch_axis: int) -> None:
+    x = sample("gauss", (6, 5, 3, 3))
+    x[2] *= 10
+    grid = make_grid(x, 4, per_channel=True, ch_axis=ch_axis, clip="minmax")
+    expected = [1, 1, 1, 1]
+    expected[ch_axis] = x.shape[ch_axis]
+    assert list(grid.scale.shape) == expected
+    per_tensor = make_grid(x, 4, clip="minmax")
+    assert per_tensor.scale.dim() == 0
+    assert mse(grid(x), x) < mse(per_tensor(x), x)
+
+
+@pytest.mark.parametrize("shape", [(16, 8, 3, 3), (10, 64)])
+def test_correct_mean_removes_channel_mean_shift(shape) -> None:
+    w = sample("laplace", shape) * 0.1 + 0.01
+    w_q = make_grid(w, 3, clip="minmax", zero_free=True)(w)
+    dims = tuple(range(1, w.dim()))
+    assert (w_q.mean(dims) - w.mean(dims)).abs().max() > 1e-4
+    corrected = correct_mean(w_q, w)
+    assert torch.allclose(corrected.mean(dims), w.mean(dims), atol=1e-6)
+    # only a per-channel shift: differences within a channel are unchanged
+    assert torch.allclose(corrected - corrected.mean(dims, keepdim=True), w_q - w_q.mean(dims, keepdim=True),
+                          atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs", [{"clip": "median"}, {"clip": "lp", "p": 0}])
+def test_bad_scheme_raises_config_error(kwargs) -> None:
+    with pytest.raises(ConfigError, match="accepted"):
+        make_grid(torch.randn(10), 4, **kwargs)
+    with pytest.raises(ConfigError, match="bits"):
+        make_grid(torch.randn(10), 1)
+
+
+def test_act_quantizer_modes() -> None:
+    q = ActQuantizer(4, clip="mse", max_samples=5000, per_batch=1000)
+    x = torch.randn(8, 3, 16, 16)
+    assert torch.equal(q(x), x)  # off
+    with pytest.raises(RuntimeError, match="observed nothing"):
+        q.mode = "quant"
+    q.mode = "observe"
+    for i in range(10):
+        assert torch.equal(q(x * (1 + i)), x * (1 + i))
+    assert sum(s.numel() for s in q._samples) <= 5000  # bounded memory
+    assert float(q.running_max) == pytest.approx(float((x * 10).max()))
+    q.mode = "quant"
+    y = q(x)
+    assert torch.unique(y).numel() <= 16 and not torch.equal(y, x)
+    q.mode = "off"
+    assert torch.equal(q(x), x)
+    q.mode = "quant"  # back to quant keeps the fitted grid
+    assert torch.equal(q(x), y)
+    with pytest.raises(ValueError, match="mode"):
+        q.mode = "train"
+
+
+def small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
+
+
+def test_quantize_model_marks_bits_and_reports() -> None:
+    net = small_net()
+    w3 = net[3].weight.detach().clone()
+    report = quantize_model(net, lambda name, m: None if name == "0" else ((8, 8) if name == "8" else 4), 6,
+                            weight_quantized={"3"})
+    assert [r["name"] for r in report] == ["3", "8"]
+    assert isinstance(net[3], QuantLayer) and isinstance(net[0], nn.Conv2d)
+    assert not hasattr(net[0], "qaf_bits")
+    assert net[3].layer.qaf_bits == (4, 6) and net[8].layer.qaf_bits == (8, 8)
+    assert net[1].qaf_bits == (8, 8) and net[4].qaf_bits == (8, 8)
+    assert torch.equal(net[3].layer.weight, w3)  # already on its grid: untouched
+    assert torch.unique(net[8].layer.weight).numel() <= 255
+    assert report[0]["shape"] == [8, 8, 3, 3] and report[0]["weight_quantized"]
+    x = torch.randn(4, 3, 8, 8)
+    set_act_mode(net, "observe")
+    net(x)
+    set_act_mode(net, "quant")
+    assert net(x).shape == (4, 5)
+
+
+def test_quant_layer_rejects_other_layers() -> None:
+    with pytest.raises(TypeError):
+        QuantLayer(nn.ReLU(), 4, 4)

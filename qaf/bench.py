@@ -89,7 +89,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer sweeps, skip ResNet-18")
     parser.add_argument("--out", default=str(ROOT / "bench.json"))
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; 1 is far faster on a busy machine)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"device {device}, {torch.get_num_threads()} threads, tensor {SHAPE} rank {RANK}")

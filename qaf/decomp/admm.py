@@ -196,16 +196,22 @@ def cp_admm(
     it = 0
     last = len(current) - 1
     for it in range(1, max_outer + 1):
-        for n in range(len(current)):
-            mttkrp = plan.mttkrp(current, n)
-            h, duals[n], grids[n], steps = admm_factor_update(
-                current[n], duals[n], mttkrp, hadamard_except(grams, n), grid_factory,
-                max_iter=max_inner, tol=tol_inner,
-            )
-            inner_total += steps
-            current[n] = h
-            grams[n] = h.double().T @ h.double()
-        err = fit_error(plan, (mttkrp.double() * current[last].double()).sum(), grams)
+        err = math.nan
+        try:
+            for n in range(len(current)):
+                mttkrp = plan.mttkrp(current, n)
+                h, duals[n], grids[n], steps = admm_factor_update(
+                    current[n], duals[n], mttkrp, hadamard_except(grams, n), grid_factory,
+                    max_iter=max_inner, tol=tol_inner,
+                )
+                inner_total += steps
+                current[n] = h
+                grams[n] = h.double().T @ h.double()
+                if not bool(torch.isfinite(grams[n]).all()):
+                    raise torch.linalg.LinAlgError(f"factor {n} is not finite")
+            err = fit_error(plan, (mttkrp.double() * current[last].double()).sum(), grams)
+        except torch.linalg.LinAlgError:
+            pass  # a broken factor: reported below as divergence
         history.append(err)
         if not math.isfinite(err) or err > divergence_factor * best_err:
             diverged = True

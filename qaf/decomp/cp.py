@@ -103,8 +103,8 @@ def cp_to_tensor(factors: list[Tensor]) -> Tensor:
 
 def relative_error(tensor: Tensor, factors: list[Tensor]) -> float:
     """Exact ``||T - [[factors]]||_F / ||T||_F``, computed in float64."""
-    t64 = tensor.double()
-    rec = cp_to_tensor([f.double() for f in factors])
+    t64 = tensor.detach().double()
+    rec = cp_to_tensor([f.detach().double() for f in factors])
     return float(torch.linalg.vector_norm(t64 - rec) / torch.linalg.vector_norm(t64))
 
 
@@ -344,6 +344,8 @@ class CPResult:
 def fit_error(plan: MttkrpPlan, inner: Tensor, grams: list[Tensor]) -> float:
     """Relative error from ``<W, [[U]]>`` and the Grams, without reconstruction."""
     res = plan.norm_sq - 2.0 * float(inner) + float(cp_norm_sq(grams))
+    if not math.isfinite(res):
+        return math.nan
     return math.sqrt(max(res, 0.0) / plan.norm_sq)
 
 

@@ -256,7 +256,7 @@ class LAPQ(Method):
             if slot is None:
                 unsigned = bool(tensor.min() >= 0)
                 slot = _ActSlot(ActQuantizer(self.act_bits, clip="lp", symmetric=True, unsigned=unsigned,
-                                             per_batch=1 << 18), [], unsigned)
+                                             per_batch=1 << 16), [], unsigned)
                 slots.append(slot)
             slot.layers.append(name)
             module = model.get_submodule(name)
@@ -290,8 +290,11 @@ class LAPQ(Method):
 
     @staticmethod
     def _log(ctx: CompressContext, message: str) -> None:
-        log.info(message)
-        if ctx.progress:
+        if not ctx.progress:
+            return
+        if logging.getLogger().hasHandlers():
+            log.info(message)
+        else:  # no logging configured (plain script): still show progress
             print(message, flush=True)
 
 
@@ -357,7 +360,8 @@ def calibration_loss(model: nn.Module, batches: list[tuple[Tensor, Tensor]], mem
 class BlockMemo:
     """Reuse outputs of blocks that no changed clip can affect.
 
-    Blocks are the outermost children of ``nn.Sequential`` containers, in execution order; each must
+    Blocks are the outermost children of ``nn.Sequential`` containers (nested ``Sequential``s are
+    looked through), in execution order; each must
     run once per forward and feed the next (true of ResNets, VGG-style nets).  A clip belongs to the
     first block holding one of its layers; when clips change, every block from the earliest owner on
     is recomputed and the earlier ones are served from the cache.  Clips of layers outside any block
@@ -375,7 +379,8 @@ class BlockMemo:
 
     def __init__(self, model: nn.Module, owners: list[list[str]], x: Tensor):
         seqs = [n for n, m in model.named_modules() if isinstance(m, nn.Sequential)]
-        candidates = [f"{s}.{c}" if s else c for s in seqs for c, _ in model.get_submodule(s).named_children()]
+        candidates = [f"{s}.{c}" if s else c for s in seqs
+                      for c, m in model.get_submodule(s).named_children() if not isinstance(m, nn.Sequential)]
         outer = [n for n in candidates if not any(n.startswith(o + ".") for o in candidates if o != n)]
         order: list[str] = []
         hooks = [model.get_submodule(n).register_forward_pre_hook(lambda _m, _a, n=n: order.append(n))

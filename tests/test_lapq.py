@@ -1,0 +1,163 @@
+"""method=lapq: p* fit guard, Powell never worse than its start, bias correction, clip sharing, data use."""
+
+from __future__ import annotations
+
+import logging
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+from qaf.config import ConfigError
+from qaf.data import DataBundle
+from qaf.methods.base import CompressContext
+from qaf.methods.lapq import LAPQ, BlockMemo, calibration_batches, calibration_loss, fit_p_star
+from qaf.quant.modules import ActQuantizer, QuantLayer
+
+
+class Block(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU()  # reused twice, as in torchvision's BasicBlock
+
+    def forward(self, x):
+        return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))) + x)
+
+
+def tiny_resnet() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Sequential(Block(8), Block(8)), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 4)).eval()
+
+
+class Forbidden(Dataset):
+    """Evaluation set that must never be read during calibration."""
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, i):
+        raise AssertionError("LAPQ read an evaluation image")
+
+
+def bundle(n: int = 48) -> DataBundle:
+    g = torch.Generator().manual_seed(1)
+    calib = TensorDataset(torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 4, (n,), generator=g))
+    return DataBundle("synthetic", calib, Forbidden(), 4, (3, 8, 8), 16, 0)
+
+
+def run(model: nn.Module, progress: bool = False, **options) -> LAPQ:
+    method = LAPQ(**{"bits": 3, "act_bits": 3, "calib_samples": 32, "batch_size": 16, "p_count": 4, **options})
+    ctx = CompressContext(data=bundle(), device=torch.device("cpu"), progress=progress)
+    method.report = method.compress(model, ctx)
+    return method
+
+
+def test_fit_p_star_guards() -> None:
+    ps = np.linspace(2, 4, 10)
+    p_star, _, fallback = fit_p_star(ps, (ps - 3.2) ** 2 + 1)
+    assert p_star == pytest.approx(3.2) and fallback == ""
+    concave = -((ps - 3.0) ** 2)
+    assert fit_p_star(ps, concave)[2] == "non-convex fit" and fit_p_star(ps, concave)[0] in (2.0, 4.0)
+    p_star, _, fallback = fit_p_star(ps, (ps - 5.0) ** 2)
+    assert "outside" in fallback and p_star == 4.0
+
+
+@pytest.mark.parametrize("maxiter", [1])
+def test_powell_never_returns_a_loss_above_its_start(maxiter: int, caplog) -> None:
+    model = tiny_resnet()
+    with caplog.at_level(logging.INFO, logger="qaf.methods.lapq"):
+        method = run(model, progress=True, maxiter=maxiter)
+    assert "lapq p-sweep 4/4" in caplog.text and "lapq Powell iteration 1" in caplog.text
+    s = method.summary
+    assert s["loss_final"] <= s["loss_p_star"]
+    assert s["loss_evaluations"] > 1 + s["n_clips"]  # Powell really searched
+    batches = calibration_batches(bundle(), 32, 16, torch.device("cpu"))
+    assert calibration_loss(model, batches) == pytest.approx(s["loss_final"], rel=1e-6)  # model holds the best
+
+
+def test_layers_clips_and_float_policy() -> None:
+    model = tiny_resnet()
+    method = run(model, maxiter=0)
+    names = [r["name"] for r in method.report]
+    assert names == ["3.0.conv1", "3.0.conv2", "3.1.conv1"]  # first and last conv, and the Linear, in float
+    assert not hasattr(model[0], "qaf_bits") and not hasattr(model[6], "qaf_bits")
+    assert model[3][1].conv2.__class__ is nn.Conv2d
+    assert method.summary["n_clips"] == 6 and method.summary["float_layers"] == ["0", "3.1.conv2", "6"]
+    assert model[3][0].conv1.layer.qaf_bits == (3, 3)
+    assert all(r["a_unsigned"] for r in method.report)  # inputs are post-ReLU
+    assert len(method.summary["p_sweep_loss"]) == 4
+
+
+def test_bias_correction_removes_channel_mean_shift() -> None:
+    for correct in (True, False):
+        model = tiny_resnet()
+        run(model, maxiter=0, bias_correction=correct)
+        layer = model[3][0].conv1
+        dims = (1, 2, 3)
+        shift = (layer.layer.weight.mean(dims) - layer.weight_fp.mean(dims)).abs().max()
+        assert (shift < 1e-6) == correct
+
+
+def test_zero_free_grid_by_default() -> None:
+    model = tiny_resnet()
+    run(model, maxiter=0, bias_correction=False)
+    assert not (model[3][0].conv1.layer.weight == 0).any()
+    assert torch.unique(model[3][0].conv1.layer.weight).numel() <= 2**3
+    model = tiny_resnet()
+    run(model, maxiter=0, bias_correction=False, weight_grid="symmetric")
+    assert torch.unique(model[3][0].conv1.layer.weight).numel() <= 2**3 - 1
+
+
+def test_layers_reading_one_tensor_share_an_activation_clip() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18(weights=None).eval()
+    method = LAPQ(bits=4, act_bits=4)
+    targets = method._targets(model)
+    slots = method._insert_quantizers(model, targets, torch.randn(2, 3, 32, 32))
+    # the reference's 18 weight clips and 15 activation clips (33 Powell variables) on ResNet-18
+    assert len(targets) == 18 and len(slots) == 15
+    block = model.layer2[0]
+    assert block.conv1.act is block.downsample[0].act
+    assert isinstance(block.conv1.act, ActQuantizer) and isinstance(block.downsample[0], QuantLayer)
+
+
+def test_block_memo_is_exact() -> None:
+    model, ref = tiny_resnet(), tiny_resnet()
+    method = run(model, maxiter=0)
+    run(ref, maxiter=0)
+    layers = {r["name"]: model.get_submodule(r["name"]) for r in method.report}
+    ref_layers = {n: ref.get_submodule(n) for n in layers}
+    slots = sorted({id(l.act): l.act for l in layers.values()}.items())
+    batches = calibration_batches(bundle(), 32, 16, torch.device("cpu"))
+    owners = [[n] for n in layers] + [[n for n, l in layers.items() if l.act is q] for _, q in slots]
+    memo = BlockMemo(model, owners, batches[0][0])
+    assert memo.blocks == ["0", "1", "2", "3.0", "3.1", "4", "5", "6"]
+    rng = np.random.default_rng(0)
+    alphas = np.array([float(l.weight_grid.bounds()[1]) for l in layers.values()] + [1.0] * len(slots))
+    from qaf.quant.uniform import symmetric_grid, unsigned_grid
+    try:
+        for _ in range(6):
+            alphas[rng.integers(alphas.size)] *= 0.7
+            for net_layers in (layers, ref_layers):
+                for a, l in zip(alphas, net_layers.values()):
+                    l.set_weight_grid(symmetric_grid(torch.tensor(a), 3, zero_free=True), bias_correction=True)
+                for a, (_, n) in zip(alphas[len(layers):], [(0, o[0]) for o in owners[len(layers):]]):
+                    net_layers[n].act.set_grid(unsigned_grid(torch.tensor(a), 3))
+            assert calibration_loss(model, batches, memo, alphas) == calibration_loss(ref, batches)
+    finally:
+        memo.close()
+
+
+@pytest.mark.parametrize("options,key", [({"weight_grid": "zero"}, "method.weight_grid"),
+                                         ({"maxiter": -1}, "method.maxiter"),
+                                         ({"p_min": 4.0, "p_max": 2.0}, "method.p_min"),
+                                         ({"skip_first": 10}, "method.skip_first"),
+                                         ({"calib_samples": 100}, "method.calib_samples")])
+def test_bad_options_raise_config_error(options, key) -> None:
+    with pytest.raises(ConfigError, match=key):
+        LAPQ(**options).check(tiny_resnet(), bundle())

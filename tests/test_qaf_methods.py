@@ -1,0 +1,143 @@
+"""The four QAF methods (cpd, cpd_epc, admm, admm_epc) on real and toy models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+import qaf.methods.qaf as qaf_methods
+from qaf.cache import FactorCache
+from qaf.config import ConfigError
+from qaf.decomp import CPConv2d, cp_to_tensor, relative_error, weight_to_tensor
+from qaf.methods.base import CompressContext
+from qaf.methods.qaf import ADMM, ADMMEPC, CPD, CPDEPC
+from qaf.models.cifar_resnet import build
+from qaf.quant.modules import QuantLayer
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = dict(als_iters=10, epc_iters=10, epc_min_iters=5, admm_outer=3)
+
+
+def _ctx(cache=None, seed=0):
+    return CompressContext(data=None, device=torch.device("cpu"), cache=cache, seed=seed, progress=True)
+
+
+def _toy() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 16, 1), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
+    ).eval()
+
+
+@pytest.mark.parametrize("cls", [CPD, CPDEPC, ADMM, ADMMEPC])
+def test_compress_replaces_selected_convs_with_quantized_cp(cls):
+    model, ref = _toy(), _toy()
+    reports = cls(bits=4, act_bits=8, rate=1.5, **FAST).compress(model, _ctx())
+    assert [r["name"] for r in reports] == ["2", "6"]  # not the first conv, not the 1x1 conv
+    for r in reports:
+        cp = model.get_submodule(r["name"])
+        assert isinstance(cp, CPConv2d)
+        subs = [cp.pointwise_in, cp.depthwise, cp.pointwise_out]
+        assert all(isinstance(s, QuantLayer) and s.layer.qaf_bits == (4, 8) for s in subs)
+        assert all(len(torch.unique(s.layer.weight)) <= 2**4 - 1 for s in subs)  # 4-bit factors
+        a = cp.pointwise_out.layer.weight[:, :, 0, 0]
+        b = cp.pointwise_in.layer.weight[:, :, 0, 0].T
+        c = cp.depthwise.layer.weight.reshape(r["rank"], -1).T
+        w = weight_to_tensor(ref.get_submodule(r["name"]).weight.detach())
+        assert relative_error(w, [a, b, c]) == pytest.approx(r["e_quant"], abs=1e-5)
+        assert set(r) >= {"name", "shape", "rank", "bits", "method", "init", "iterations", "seconds",
+                          "e_float", "e_quant"}
+        assert r["method"] == cls.name
+    for name in ("0", "4", "9"):  # first conv, 1x1 conv, classifier: kept at keep_bits
+        assert model.get_submodule(name).layer.qaf_bits == (8, 8)
+    assert model(torch.randn(2, 3, 8, 8)).shape == (2, 5)
+
+
+def test_yaml_configs_instantiate_with_defaults():
+    for name, cls in (("cpd", CPD), ("cpd_epc", CPDEPC), ("admm", ADMM), ("admm_epc", ADMMEPC)):
+        cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "method" / f"{name}.yaml"))
+        assert cfg.pop("_target_") == f"qaf.methods.qaf.{cls.__name__}"
+        method = cls(bits=4, act_bits=8, rate=2.0, **cfg)
+        method.check(build(20))
+        assert method.bn_calibration
+
+
+def test_rate_too_large_names_layer_and_largest_rate():
+    model = build(20)
+    with pytest.raises(ConfigError, match=r"layer1\.0\.conv1 .*largest valid rate for the selected layers is 56\.2"):
+        ADMMEPC(rate=60.0).check(model)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [({"init": "zeros"}, "method.init"), ({"clip": "max"}, "method.clip"), ({"bits": 1}, "bits=1"),
+     ({"include": ["nothing*"]}, "selects no layer"), ({"admm_outer": 0}, "method.admm_outer")],
+)
+def test_bad_options_raise_config_error(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        ADMM(**kwargs).check(build(20))
+
+
+def test_non_finite_weights_are_rejected():
+    model = build(20)
+    with torch.no_grad():
+        model.layer2[0].conv1.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ConfigError, match="layer2.0.conv1 has non-finite"):
+        CPDEPC().check(model)
+
+
+def test_include_exclude_patterns():
+    method = CPD(include=["layer3.*"], exclude=["*.conv2"])
+    names = [n for n, _ in method.select_layers(build(20))]
+    assert names == ["layer3.0.conv1", "layer3.1.conv1", "layer3.2.conv1"]
+
+
+def test_epc_start_is_cached_once_across_methods_and_bits(tmp_path, monkeypatch):
+    calls = []
+    real = qaf_methods.cp_epc
+    monkeypatch.setattr(qaf_methods, "cp_epc", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cache = FactorCache(tmp_path)
+    opts = dict(include=["layer1.2.conv1", "layer2.2.conv2"], **FAST)
+    results = {}
+    for cls in (CPDEPC, ADMMEPC):
+        for bits in (4, 6):
+            reports = cls(bits=bits, rate=2.0, **opts).compress(build(20), _ctx(cache))
+            results[(cls.name, bits)] = [r["e_quant"] for r in reports]
+    assert len(calls) == 2  # two layers, each EPC start computed once for 4 runs
+    again = ADMMEPC(bits=4, rate=2.0, **opts).compress(build(20), _ctx(cache))
+    assert [r["e_quant"] for r in again] == results[("admm_epc", 4)] and all(r["cached"] for r in again)
+    for e_admm, e_cpd in zip(results[("admm_epc", 4)], results[("cpd_epc", 4)]):
+        assert e_admm <= e_cpd  # ADMM keeps its best iterate, the quantized start included
+
+
+def test_same_seed_same_model_output():
+    x = torch.randn(2, 3, 32, 32)
+
+    def run(seed):
+        model = build(20)
+        ADMM(bits=4, rate=2.0, init="random", include=["layer1.0.conv1"], **FAST).compress(model, _ctx(seed=seed))
+        return model(x)
+
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
+
+
+def test_cp_layer_output_matches_reconstructed_weight_in_model():
+    model = build(20)
+    CPDEPC(bits=8, include=["layer1.0.conv1"], **FAST).compress(model, _ctx())
+    cp = model.layer1[0].conv1
+    a = cp.pointwise_out.layer.weight[:, :, 0, 0]
+    b = cp.pointwise_in.layer.weight[:, :, 0, 0].T
+    c = cp.depthwise.layer.weight.reshape(a.shape[1], -1).T
+    w = cp_to_tensor([a, b, c]).reshape(16, 16, 3, 3)
+    x = torch.randn(1, 16, 8, 8)
+    dense = nn.functional.conv2d(x, w, None, 1, 1)
+    out = cp.pointwise_out.layer(cp.depthwise.layer(cp.pointwise_in.layer(x)))
+    assert torch.allclose(out, dense, atol=1e-5)

@@ -89,7 +89,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_logger(cfg: DictConfig, output_dir: Path, job_name: str) -> Any:
+def build_logger(cfg: DictConfig, output_dir: Path, job_name: str, job_type: str) -> Any:
     """The experiment logger chosen by ``logger=``, or False for ``logger=none``."""
     node = cfg.get("logger")
     if not node or "_target_" not in node:
@@ -98,8 +98,7 @@ def build_logger(cfg: DictConfig, output_dir: Path, job_name: str) -> Any:
     if target.endswith("WandbLogger"):
         # Group runs per sweep, one job type per method, so sweep dashboards come for free.
         return instantiate(node, save_dir=str(output_dir), name=job_name, group=str(cfg.sweep_id),
-                           job_type=str(cfg.method._target_).rsplit(".", 1)[-1].lower(),
-                           config=result_config(cfg))
+                           job_type=job_type)
     return instantiate(node, save_dir=str(output_dir))
 
 
@@ -108,8 +107,7 @@ def log_results(logger: Any, cfg: DictConfig, metrics: dict) -> None:
     if not logger:
         return
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    if not isinstance(logger, pl.loggers.WandbLogger):
-        logger.log_hyperparams(result_config(cfg))
+    logger.log_hyperparams(result_config(cfg))
     logger.log_metrics(scalars)
     if isinstance(logger, pl.loggers.WandbLogger):
         run = logger.experiment
@@ -197,7 +195,7 @@ def run(cfg: DictConfig) -> dict:
     log.info("run %s: method=%s model=%s data=%s bits=%s act_bits=%s rate=%s -> %s", chash, method.name,
              cfg.model._target_, data.name, cfg.bits, cfg.act_bits, cfg.rate, output_dir)
 
-    logger = build_logger(cfg, output_dir, job_name=output_dir.name)
+    logger = build_logger(cfg, output_dir, job_name=output_dir.name, job_type=method.name)
     trainer_kw = dict(accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
                       precision=cfg.trainer.precision, progress=cfg.progress, root_dir=str(output_dir))
     trainer = lit.make_trainer(logger=False, **trainer_kw)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -88,7 +89,8 @@ def test_sweep_ids_do_not_collide_within_a_second():
     runs = [run_cli(["--cfg", "job", "--resolve"], cwd=ROOT, timeout=120) for _ in range(2)]
     ids = [line for r in runs for line in r.stdout.splitlines() if line.startswith("sweep_id:")]
     assert len(ids) == 2 and ids[0] != ids[1], ids
-    assert ids[0][:len("sweep_id: 2026-01-01_00-00")].count("-") == 4  # timestamp first: ids sort by time
+    # timestamp first, so ids sort by start time; then a random suffix
+    assert re.fullmatch(r"sweep_id: \d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_[0-9a-f]{6}", ids[0]), ids[0]
 
 
 def test_cli_bad_input_is_one_clear_error(tmp_path: Path):

@@ -106,7 +106,7 @@ def epc_start(resnet20):
     tensor = weight_to_tensor(resnet20.layer3[2].conv2.weight.detach())
     rank = cp_rank(tensor.shape, 2.0)
     als = cp_als(tensor, rank, n_iter=50, generator=torch.Generator().manual_seed(0))
-    return tensor, cp_epc(tensor, als.factors, n_iter=200)
+    return tensor, cp_epc(tensor, als.factors, n_iter=100)
 
 
 def test_admm_factors_lie_exactly_on_their_grids(epc_start):
@@ -122,15 +122,12 @@ def test_admm_factors_lie_exactly_on_their_grids(epc_start):
 
 def test_admm_error_falls_as_bits_rise(epc_start):
     tensor, start = epc_start
-    errs = [cp_admm(tensor, start.factors, _grid(b), max_outer=15).e_quant for b in (3, 4, 6, 8)]
+    errs = [cp_admm(tensor, start.factors, _grid(b), max_outer=8).e_quant for b in (3, 4, 6, 8)]
     assert errs == sorted(errs, reverse=True)
     assert errs[-1] < errs[0] * 0.8
 
 
-@pytest.mark.parametrize(
-    "layer", ["layer3.2.conv2", pytest.param("layer2.2.conv2", marks=pytest.mark.slow),
-              pytest.param("layer1.1.conv1", marks=pytest.mark.slow)]
-)
+@pytest.mark.parametrize("layer", ["layer3.2.conv2", "layer2.2.conv2", "layer1.1.conv1"])
 def test_admm_epc_beats_cpd_epc_at_4_bits_on_real_layers(resnet20, layer):
     tensor = weight_to_tensor(resnet20.get_submodule(layer).weight.detach())
     rank = cp_rank(tensor.shape, 2.0)

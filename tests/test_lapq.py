@@ -161,3 +161,13 @@ def test_block_memo_is_exact() -> None:
 def test_bad_options_raise_config_error(options, key) -> None:
     with pytest.raises(ConfigError, match=key):
         LAPQ(**options).check(tiny_resnet(), bundle())
+
+
+def test_everything_quantized_when_asked() -> None:
+    model = tiny_resnet()
+    method = run(model, maxiter=0, skip_first=0, skip_last=0, quantize_linear=True)
+    assert [r["name"] for r in method.report] == ["0", "3.0.conv1", "3.0.conv2", "3.1.conv1", "3.1.conv2", "6"]
+    assert method.summary["float_layers"] == []
+    stem = method.report[0]
+    assert not stem["a_unsigned"]  # the image input is signed: symmetric grid
+    assert model[0].act.grid.bounds()[0] < 0

@@ -69,4 +69,5 @@ def test_multirun_writes_every_job_under_one_sweep(tmp_path: Path):
     files = metrics_files(tmp_path)
     assert len(files) == 2
     assert len({f.parent.parent for f in files}) == 1  # one sweep directory
-    assert {f.parent.name for f in files} == {"bits=4,method=fp32", "bits=4,method=ptq"}
+    common = "bits=4,data.calib_samples=64,data.eval_samples=64"
+    assert {f.parent.name for f in files} == {f"{common},method=fp32", f"{common},method=ptq"}

@@ -35,20 +35,19 @@ class CPConv2d(nn.Module):
         rank = a.shape[1]
         if a.shape[0] != conv.out_channels or b.shape[0] != conv.in_channels or c.shape[0] != kh * kw:
             raise ValueError("factor shapes do not match the conv weight")
-        dev, dt = conv.weight.device, conv.weight.dtype
-        self.pointwise_in = nn.Conv2d(conv.in_channels, rank, 1, bias=False)
+        kw_args = {"device": conv.weight.device, "dtype": conv.weight.dtype}
+        self.pointwise_in = nn.Conv2d(conv.in_channels, rank, 1, bias=False, **kw_args)
         self.depthwise = nn.Conv2d(
             rank, rank, (kh, kw), stride=conv.stride, padding=conv.padding,
-            dilation=conv.dilation, groups=rank, bias=False, padding_mode=conv.padding_mode,
+            dilation=conv.dilation, groups=rank, bias=False, padding_mode=conv.padding_mode, **kw_args,
         )
-        self.pointwise_out = nn.Conv2d(rank, conv.out_channels, 1, bias=conv.bias is not None)
+        self.pointwise_out = nn.Conv2d(rank, conv.out_channels, 1, bias=conv.bias is not None, **kw_args)
         with torch.no_grad():
             self.pointwise_in.weight.copy_(b.T.reshape(rank, conv.in_channels, 1, 1))
             self.depthwise.weight.copy_(c.T.reshape(rank, 1, kh, kw))
             self.pointwise_out.weight.copy_(a.reshape(conv.out_channels, rank, 1, 1))
             if conv.bias is not None:
                 self.pointwise_out.bias.copy_(conv.bias)
-        self.to(dev, dt)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.pointwise_out(self.depthwise(self.pointwise_in(x)))
@@ -71,16 +70,19 @@ class CPLinear(nn.Module):
         a, b = factors
         rank = a.shape[1]
         bias = layer.bias is not None
+        kw_args = {"device": layer.weight.device, "dtype": layer.weight.dtype}
         first: nn.Module
         second: nn.Module
         if isinstance(layer, nn.Linear):
-            first, second = nn.Linear(b.shape[0], rank, bias=False), nn.Linear(rank, a.shape[0], bias=bias)
+            first = nn.Linear(b.shape[0], rank, bias=False, **kw_args)
+            second = nn.Linear(rank, a.shape[0], bias=bias, **kw_args)
             w1, w2 = b.T, a
         else:
             if layer.kernel_size != (1, 1) or layer.groups != 1:
                 raise ValueError("CPLinear replaces only 1x1 convs with groups == 1")
-            first = nn.Conv2d(b.shape[0], rank, 1, stride=layer.stride, padding=layer.padding, bias=False)
-            second = nn.Conv2d(rank, a.shape[0], 1, bias=bias)
+            first = nn.Conv2d(b.shape[0], rank, 1, stride=layer.stride, padding=layer.padding, bias=False,
+                              **kw_args)
+            second = nn.Conv2d(rank, a.shape[0], 1, bias=bias, **kw_args)
             w1, w2 = b.T[:, :, None, None], a[:, :, None, None]
         with torch.no_grad():
             first.weight.copy_(w1)
@@ -88,7 +90,6 @@ class CPLinear(nn.Module):
             if bias:
                 second.bias.copy_(layer.bias)
         self.first, self.second = first, second
-        self.to(layer.weight.device, layer.weight.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.second(self.first(x))

@@ -256,7 +256,7 @@ class LAPQ(Method):
             if slot is None:
                 unsigned = bool(tensor.min() >= 0)
                 slot = _ActSlot(ActQuantizer(self.act_bits, clip="lp", symmetric=True, unsigned=unsigned,
-                                             per_batch=1 << 16), [], unsigned)
+                                             per_batch=1 << 16).to(tensor.device), [], unsigned)
                 slots.append(slot)
             slot.layers.append(name)
             module = model.get_submodule(name)
@@ -315,14 +315,11 @@ def calibration_batches(data, samples: int, batch_size: int, device: torch.devic
     list of (Tensor, Tensor)
         Image and label batches.
     """
-    xs, ys, seen = [], [], 0
-    for i in range(min(samples, len(data.calib))):
-        x, y = data.calib[i]
-        xs.append(torch.as_tensor(x))
-        ys.append(int(y))
-        seen += 1
-    images, labels = torch.stack(xs).to(device), torch.tensor(ys, device=device)
-    return [(images[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, seen, batch_size)]
+    count = min(samples, len(data.calib))
+    items = [data.calib[i] for i in range(count)]
+    images = torch.stack([torch.as_tensor(x) for x, _ in items]).to(device)
+    labels = torch.tensor([int(y) for _, y in items], device=device)
+    return [(images[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, count, batch_size)]
 
 
 @torch.no_grad()

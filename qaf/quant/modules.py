@@ -175,7 +175,7 @@ class QuantLayer(nn.Module):
         self.layer = layer
         self.w_bits, self.a_bits = w_bits, a_bits
         self.weight_scheme = {"symmetric": True, "clip": "mse", **(weight_scheme or {})}
-        self.act = act if act is not None else ActQuantizer(a_bits, **(act_scheme or {}))
+        self.act = act if act is not None else ActQuantizer(a_bits, **(act_scheme or {})).to(layer.weight.device)
         self.register_buffer("weight_fp", layer.weight.detach().clone(), persistent=False)
         self.weight_grid: Grid | None = None
         if not weight_quantized:

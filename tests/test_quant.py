@@ -16,7 +16,7 @@ from qaf.quant.uniform import correct_mean, fake_quantize, make_grid
 BITS = [2, 3, 4, 8]
 # (make_grid kwargs, expected number of levels as a function of bits)
 KINDS = {
-    "symmetric": ({"symmetric": True}, lambda b: 2**b - 1),
+    "symmetric": ({"symmetric": True}, lambda b: 2**b),
     "zero_free": ({"symmetric": True, "zero_free": True}, lambda b: 2**b),
     "unsigned": ({"unsigned": True}, lambda b: 2**b),
     "affine": ({"symmetric": False}, lambda b: 2**b),
@@ -53,7 +53,8 @@ def test_number_of_levels(bits: int, kind: str) -> None:
         x = x.clamp_min(0)
     grid = make_grid(x, bits, clip="minmax", **kwargs)
     assert grid.num_levels == expected(bits)
-    assert torch.unique(grid(x)).numel() == expected(bits)
+    # every level is a fixed point (the full-range symmetric grid's lowest level lies one step past -alpha)
+    assert torch.unique(grid(torch.cat([x, grid.levels()]))).numel() == expected(bits)
     assert grid.levels().numel() == expected(bits)
 
 
@@ -105,7 +106,7 @@ def test_mse_clip_never_worse_than_minmax(bits: int, dist: str, kind: str, shape
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_lp_clip_grows_with_p(dist: str, bits: int) -> None:
     x = sample(dist, (50_000,))
-    alphas = [float(make_grid(x, bits, clip="lp", p=p).bounds()[1]) for p in (1.5, 2.0, 3.0, 4.0)]
+    alphas = [float(make_grid(x, bits, clip="lp", p=p).alpha) for p in (1.5, 2.0, 3.0, 4.0)]
     assert all(a1 > a0 for a0, a1 in zip(alphas, alphas[1:])), alphas
 
 
@@ -113,14 +114,14 @@ def test_lp_clip_grows_with_p(dist: str, bits: int) -> None:
 @pytest.mark.parametrize("p", [2.0, 3.0, 4.0])
 def test_lp_clip_grows_with_bits(dist: str, p: float) -> None:
     x = sample(dist, (50_000,))
-    alphas = [float(make_grid(x, b, clip="lp", p=p).bounds()[1]) for b in (2, 3, 4, 6)]
+    alphas = [float(make_grid(x, b, clip="lp", p=p).alpha) for b in (2, 3, 4, 6)]
     assert all(a1 > a0 for a0, a1 in zip(alphas, alphas[1:])), alphas
 
 
 def test_mse_clip_matches_known_gaussian_optimum() -> None:
-    # Uniform 4-bit symmetric (15 levels) MSE-optimal clip for N(0, 1) is ~2.5 sigma.
+    # Uniform 4-bit symmetric (16 levels) MSE-optimal clip for N(0, 1) is ~2.5 sigma.
     x = sample("gauss", (400_000,))
-    assert 2.3 < float(make_grid(x, 4, clip="mse").bounds()[1]) < 2.7
+    assert 2.3 < float(make_grid(x, 4, clip="mse").alpha) < 2.7
 
 
 @pytest.mark.parametrize("bits,unsigned", [(b, False) for b in ACIQ_LAPLACE] + [(b, True) for b in ACIQ_LAPLACE_RELU])
@@ -136,7 +137,7 @@ def test_aciq_constant_solver_matches_table(bits: int, unsigned: bool) -> None:
 
 def test_aciq_clip_on_laplace_data() -> None:
     x = sample("laplace", (200_000,))  # b = 1
-    alpha = float(make_grid(x, 4, clip="aciq").bounds()[1])
+    alpha = float(make_grid(x, 4, clip="aciq").alpha)
     assert abs(alpha - ACIQ_LAPLACE[4]) < 0.1
 
 

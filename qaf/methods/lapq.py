@@ -270,9 +270,9 @@ class LAPQ(Method):
         clip = "minmax" if p is None else "lp"
         p = 2.0 if p is None else p
         zero_free = self.weight_grid == "zero_free"
-        out = [make_grid(q.weight_fp, self.bits, clip=clip, p=p, zero_free=zero_free).bounds()[1]
+        out = [make_grid(q.weight_fp, self.bits, clip=clip, p=p, zero_free=zero_free).alpha
                for q in layers.values()]
-        out += [make_grid(s, self.act_bits, clip=clip, p=p, unsigned=slot.unsigned).bounds()[1]
+        out += [make_grid(s, self.act_bits, clip=clip, p=p, unsigned=slot.unsigned).alpha
                 for s, slot in zip(samples, slots)]
         return np.array([float(a) for a in out], dtype=np.float64)
 

@@ -5,14 +5,16 @@ Level sets for ``b`` bits and clip ``alpha`` (``q`` is the integer code, level =
 =============  ===========================  =====================  ============  =================
 grid           codes q                      scale                  zero point    levels
 =============  ===========================  =====================  ============  =================
-symmetric      -(2^(b-1)-1) .. 2^(b-1)-1    alpha / (2^(b-1)-1)    0             2^b - 1, 0 exact
+symmetric      -2^(b-1) .. 2^(b-1)-1        2 alpha / (2^b-1)      0             2^b, 0 exact
 zero-free      0 .. 2^b-1                   2 alpha / (2^b-1)      (2^b-1)/2     2^b, 0 not a level
 unsigned       0 .. 2^b-1                   alpha / (2^b-1)        0             2^b on [0, alpha]
 affine         0 .. 2^b-1                   (hi-lo) / (2^b-1)      round(-lo/s)  2^b, 0 exact
 =============  ===========================  =====================  ============  =================
 
-The symmetric grid uses the restricted range (no code -2^(b-1)) so that it is symmetric and
-``+-alpha`` are both levels.  The zero-free grid is LAPQ's weight grid (2^b levels evenly spread
+The symmetric grid uses the full signed code range, as PyTorch's symmetric qint and the QAF
+reference code do: 2^b levels spaced by 2 alpha / (2^b - 1), zero exact, so [-alpha, alpha] is
+covered up to one step (the restricted range -(2^(b-1)-1)..2^(b-1)-1 wastes a level, which costs
+measurably at 4 bits: docs/qaf_solvers.md).  The zero-free grid is LAPQ's weight grid (2^b levels evenly spread
 over [-alpha, alpha]); it is the only grid with a half-integer zero point.  The affine grid
 widens [lo, hi] to contain 0 so that zero (padding, ReLU zeros) is represented exactly.
 """
@@ -76,6 +78,13 @@ class Grid:
         """Lowest and highest level (``(-alpha, alpha)``, ``(0, alpha)`` or ``(lo, hi)``)."""
         return (self.qmin - self.zero_point) * self.scale, (self.qmax - self.zero_point) * self.scale
 
+    @property
+    def alpha(self) -> Tensor:
+        """The clip value a symmetric, zero-free or unsigned grid was built from (see the table)."""
+        if self.qmin < 0 or bool((self.zero_point != 0).any()):  # signed: [-alpha, alpha]
+            return self.scale * (self.qmax - self.qmin) / 2
+        return self.scale * self.qmax  # unsigned: [0, alpha]
+
     def levels(self) -> Tensor:
         """All levels of a per-tensor grid, ascending."""
         if self.scale.dim() != 0:
@@ -108,8 +117,7 @@ def symmetric_grid(alpha: Tensor, bits: int, zero_free: bool = False) -> Grid:
     if zero_free:
         qmax = 2**bits - 1
         return Grid(2 * alpha / qmax, torch.full_like(alpha, qmax / 2), 0, qmax)
-    qmax = 2 ** (bits - 1) - 1
-    return Grid(alpha / qmax, torch.zeros_like(alpha), -qmax, qmax)
+    return Grid(2 * alpha / (2**bits - 1), torch.zeros_like(alpha), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
 
 
 def unsigned_grid(alpha: Tensor, bits: int) -> Grid:

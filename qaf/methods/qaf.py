@@ -55,7 +55,7 @@ class QAFMethod(Method):
         Weight bits of every layer that is not factorized (first conv, 1x1 downsample convs,
         classifier); None: ``bits``.
     symmetric : bool
-        Factor grids symmetric (``2^b - 1`` levels, zero point 0) or affine (``2^b`` levels).
+        Factor grids symmetric (zero point 0) or affine; both have ``2^b`` levels.
     clip : {"minmax", "mse", "lp", "aciq"}
         Clip rule of the per-tensor factor grids (and of the ``keep_bits`` weights).
     p : float

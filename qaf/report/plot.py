@@ -1,4 +1,5 @@
-"""The accuracy-vs-cost plot: top-1 against %BOPs, one series per method and bit widths, the
+"""The accuracy-vs-cost plot: top-1 against %BOPs, one series per method (per method and
+activation bits when several are swept), each point labelled with its weight bits and rate, the
 float model as a horizontal line, the paper's points (when known) as hollow markers."""
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from qaf.report.tables import FLOAT_METHOD, Row  # noqa: E402
 
 
 def _series(rows: list[Row]) -> dict[str, list[Row]]:
-    """Rows grouped by method and bit widths, each series sorted by %BOPs."""
+    """Rows grouped by method (and activation bits if they vary), each series sorted by %BOPs."""
+    compressed = [r for r in rows if r.method != FLOAT_METHOD]
+    several_a = len({r.a_bits for r in compressed}) > 1
     series: dict[str, list[Row]] = defaultdict(list)
-    for row in rows:
-        if row.method != FLOAT_METHOD:
-            series[f"{row.label} w{row.w_bits}a{row.a_bits}"].append(row)
+    for row in compressed:
+        series[f"{row.label} a{row.a_bits}" if several_a else row.label].append(row)
     return {name: sorted(rs, key=lambda r: r.bops_pct or r.paper_bops_pct or 0.0)
             for name, rs in sorted(series.items())}
 
@@ -67,6 +69,10 @@ def _draw_panel(ax: plt.Axes, rows: list[Row]) -> None:
             ax.errorbar([r.bops_pct for r in ours], [r.top1 for r in ours],
                         yerr=[r.top1_std or 0.0 for r in ours], marker="o", color=color,
                         capsize=3, label=name)
+            for r in ours:  # which bit width / rate each point is
+                text = f"w{r.w_bits}" + (f" r{r.rate:g}" if r.rate is not None else "")
+                ax.annotate(text, (r.bops_pct, r.top1), textcoords="offset points", xytext=(4, 4),
+                            fontsize="x-small", color=color)
         paper = [r for r in series if r.paper_top1 is not None and r.paper_bops_pct is not None]
         if paper:
             ax.plot([r.paper_bops_pct for r in paper], [r.paper_top1 for r in paper],

@@ -80,9 +80,16 @@ class Row:
         return (self.model, self.data, self.method, self.w_bits, self.a_bits, self.rate)
 
     @property
+    def base_method(self) -> str:
+        """The method without its variant (``ptq[clip=mse]`` -> ``ptq``)."""
+        return self.method.partition("[")[0]
+
+    @property
     def label(self) -> str:
-        """The method as the paper names it."""
-        return DISPLAY.get(self.method, self.method)
+        """The method as the paper names it, with the swept method options, e.g. ``PTQ (clip=mse)``."""
+        variant = self.method.partition("[")[2].rstrip("]")
+        name = DISPLAY.get(self.base_method, self.base_method)
+        return f"{name} ({variant})" if variant else name
 
 
 def job_key(job: Job) -> Key:
@@ -96,13 +103,18 @@ def job_key(job: Job) -> Key:
     Returns
     -------
     Key
-        (model, data, method, w_bits, a_bits, rate); the float model is 32/32 without rate.
+        (model, data, method, w_bits, a_bits, rate); the float model is 32/32 without rate; swept
+        ``method.*`` options make the method ``name[key=value,...]``.
     """
     m = job.metrics or {}
     method = str(m.get("method", job.method))
     if method == FLOAT_METHOD:
         return (str(m.get("model", "?")), str(m.get("data", "?")), method, 32, 32, None)
     rate = float(m["rate"]) if method in FACTORIZING and m.get("rate") is not None else None
+    # Swept method options (method.clip=mse, ...) are different methods, not repeats to average.
+    variant = ",".join(sorted(o.split(".", 1)[1] for o in job.overrides if o.startswith("method.")))
+    if variant:
+        method = f"{method}[{variant}]"
     return (str(m.get("model", "?")), str(m.get("data", "?")), method,
             int(m.get("bits", 32)), int(m.get("act_bits", 32)), rate)
 
@@ -182,7 +194,7 @@ def _attach_paper(rows: dict[Key, Row], paper: dict[tuple, dict],
 
 
 def _sort_key(row: Row) -> tuple:
-    order = _ORDER.index(row.method) if row.method in _ORDER else len(_ORDER)
+    order = _ORDER.index(row.base_method) if row.base_method in _ORDER else len(_ORDER)
     return (row.model, row.data, order, row.method, row.w_bits, row.a_bits,
             -1.0 if row.rate is None else row.rate)
 

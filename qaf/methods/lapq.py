@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -241,14 +242,7 @@ class LAPQ(Method):
     def _insert_quantizers(self, model: nn.Module, targets: list[str], x: Tensor) -> list[_ActSlot]:
         """Wrap the target layers; one activation quantizer per distinct input tensor."""
         inputs: dict[str, Tensor] = {}
-        hooks = [model.get_submodule(n).register_forward_pre_hook(
-            lambda _m, args, n=n: inputs.__setitem__(n, args[0])) for n in targets]
-        try:
-            with torch.no_grad():
-                model(x)
-        finally:
-            for h in hooks:
-                h.remove()
+        trace_inputs(model, targets, x, lambda n, args: inputs.__setitem__(n, args[0]))
         slots: list[_ActSlot] = []
         for name in targets:
             tensor = inputs[name]
@@ -296,6 +290,19 @@ class LAPQ(Method):
             log.info(message)
         else:  # no logging configured (plain script): still show progress
             print(message, flush=True)
+
+
+def trace_inputs(model: nn.Module, names: list[str], x: Tensor,
+                 record: Callable[[str, tuple], None]) -> None:
+    """One no-grad forward pass of ``x`` calling ``record(name, inputs)`` as each named module runs."""
+    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda _m, args, n=n: record(n, args))
+             for n in names]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def calibration_batches(data, samples: int, batch_size: int, device: torch.device) -> list[tuple[Tensor, Tensor]]:
@@ -380,14 +387,7 @@ class BlockMemo:
                       for c, m in model.get_submodule(s).named_children() if not isinstance(m, nn.Sequential)]
         outer = [n for n in candidates if not any(n.startswith(o + ".") for o in candidates if o != n)]
         order: list[str] = []
-        hooks = [model.get_submodule(n).register_forward_pre_hook(lambda _m, _a, n=n: order.append(n))
-                 for n in outer]
-        try:
-            with torch.no_grad():
-                model(x)
-        finally:
-            for h in hooks:
-                h.remove()
+        trace_inputs(model, outer, x, lambda n, _args: order.append(n))
         self.blocks = order if len(order) == len(set(order)) else []  # a block run twice: no reuse
         position = {n: i for i, n in enumerate(self.blocks)}
 

@@ -32,7 +32,7 @@ def tensor_digest(tensor: Tensor) -> str:
     """SHA-256 of a tensor's dtype, shape and bytes (device independent)."""
     t = tensor.detach().contiguous().cpu()
     h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-d too
     return h.hexdigest()
 
 

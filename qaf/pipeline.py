@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from qaf import lit
+from qaf.cache import FactorCache, key_digest, tensor_digest
 from qaf.config import ConfigError, config_hash, result_config, validate
 from qaf.data import DataBundle
 from qaf.methods.base import CompressContext, Method
@@ -130,10 +130,11 @@ def _loggable(value: Any) -> Any:
 
 
 def float_accuracy(cfg: DictConfig, model: nn.Module, data: DataBundle, trainer: pl.Trainer) -> dict:
-    """Top-1/top-5 of the float model, cached on disk per (model, data) config."""
-    resolved = result_config(cfg)
-    key = json.dumps({"model": resolved["model"], "data": resolved["data"]}, sort_keys=True)
-    path = Path(cfg.cache.dir) / "fp32_eval" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    """Top-1/top-5 of the float model, cached on disk per (weights, data config)."""
+    # Keyed by the weights themselves, not the checkpoint path, so a replaced file is re-evaluated.
+    weights = [tensor_digest(t) for t in model.state_dict().values()]
+    key = {"weights": weights, "data": result_config(cfg)["data"]}
+    path = Path(cfg.cache.dir) / "fp32_eval" / f"{key_digest(key)[:16]}.json"
     if cfg.cache.enabled and path.exists():
         try:
             return json.loads(path.read_text())
@@ -187,11 +188,7 @@ def run(cfg: DictConfig) -> dict:
         data: DataBundle = build(cfg.data)
         method: Method = build(cfg.method, bits=cfg.bits, act_bits=cfg.act_bits, rate=float(cfg.rate))
         method.check(model, data)
-        cache = None
-        if cfg.cache.enabled:
-            from qaf.cache import FactorCache
-
-            cache = FactorCache(cfg.cache.dir)
+        cache = FactorCache(cfg.cache.dir) if cfg.cache.enabled else None
     log.info("run %s: method=%s model=%s data=%s bits=%s act_bits=%s rate=%s -> %s", chash, method.name,
              cfg.model._target_, data.name, cfg.bits, cfg.act_bits, cfg.rate, output_dir)
 

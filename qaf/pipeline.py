@@ -29,6 +29,7 @@ from qaf.config import ConfigError, config_hash, result_config, validate
 from qaf.data import DataBundle
 from qaf.methods.base import CompressContext, Method
 from qaf.metrics import bops as cost
+from qaf.quant.modules import act_quantizers, set_act_mode
 
 log = logging.getLogger(__name__)
 
@@ -264,9 +265,7 @@ def _model_name(cfg: DictConfig) -> str:
 
 def _set_act_mode(model: nn.Module, mode: str) -> bool:
     """Set every activation quantizer's mode; False when the model has none."""
-    from qaf.quant.modules import ActQuantizer, set_act_mode
-
-    if not any(isinstance(m, ActQuantizer) for m in model.modules()):
+    if not act_quantizers(model):
         return False
     set_act_mode(model, mode)
     return True

@@ -20,7 +20,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from qaf import lit
@@ -103,12 +103,12 @@ def build_logger(cfg: DictConfig, output_dir: Path, job_name: str, job_type: str
     return instantiate(node, save_dir=str(output_dir))
 
 
-def log_results(logger: Any, cfg: DictConfig, metrics: dict) -> None:
+def log_results(logger: Any, metrics: dict) -> None:
     """Send the config, the scalar metrics and the per-layer table to the experiment logger."""
     if not logger:
         return
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    logger.log_hyperparams(result_config(cfg))
+    logger.log_hyperparams(metrics["config"])
     logger.log_metrics(scalars)
     if isinstance(logger, pl.loggers.WandbLogger):
         run = logger.experiment
@@ -249,7 +249,7 @@ def run(cfg: DictConfig) -> dict:
         "config_hash": chash,
         "config": result_config(cfg),
     }
-    log_results(logger, cfg, metrics)
+    log_results(logger, metrics)
     write_json_atomic(output_dir / METRICS_FILE, metrics)
     log.info("top1 %.2f%% (float %.2f%%), BOPs %.3f%% of float -> %s", metrics["top1"], metrics["fp32_top1"],
              metrics["bops_pct"], output_dir / METRICS_FILE)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import secrets
 from typing import Any
 
@@ -33,17 +34,26 @@ OmegaConf.register_new_resolver("qaf_uid", lambda: secrets.token_hex(3), use_cac
 OmegaConf.register_new_resolver("qaf_jobdir", _job_dirname, replace=True)
 
 BITS_RANGE = (2, 16)
+SEED_MAX = 2**32 - 1  # numpy's (and Lightning's seed_everything's) limit
 
-# Keys that change where or how a run is reported, not what it computes.
-_NON_RESULT_KEYS = ("sweep_id", "resume", "progress", "logger", "cache", "hydra")
+# Keys that change where, how fast or how verbosely a run happens, never its numbers: a sweep
+# resumed with other values for them (another machine, more GPUs, quiet console) skips finished
+# jobs. Dotted keys name nested entries.
+EXECUTION_KEYS = ("sweep_id", "resume", "overwrite", "progress", "logger", "cache", "hydra", "device",
+                  "export", "trainer.devices", "trainer.accelerator", "trainer.strategy",
+                  "data.num_workers")
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_int(cfg: DictConfig, key: str, low: int, high: int | None = None, nullable: bool = False) -> None:
-    value = OmegaConf.select(cfg, key)
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_int(key: str, value: Any, low: int, high: int | None = None, nullable: bool = False) -> None:
+    """Raise ``ConfigError`` unless ``value`` is an integer in ``low..high`` (or None if nullable)."""
     if value is None and nullable:
         return
     accepted = f"an integer in {low}..{high}" if high is not None else f"an integer >= {low}"
@@ -53,11 +63,40 @@ def _check_int(cfg: DictConfig, key: str, low: int, high: int | None = None, nul
         raise ConfigError(f"{key}={value!r} is invalid: accepted {accepted}")
 
 
+def check_number(key: str, value: Any, low: float | None = None, high: float | None = None, *,
+                 low_open: bool = False, nullable: bool = False) -> None:
+    """Raise ``ConfigError`` unless ``value`` is a finite number within the bounds."""
+    if value is None and nullable:
+        return
+    ok = _is_number(value) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        bounds = [f"{'>' if low_open else '>='} {low:g}"] if low is not None else []
+        bounds += [f"<= {high:g}"] if high is not None else []
+        accepted = "a finite number" + (f" {' and '.join(bounds)}" if bounds else "")
+        raise ConfigError(f"{key}={value!r} is invalid: accepted {accepted}" + (" or null" if nullable else ""))
+
+
+def check_bool(key: str, value: Any) -> None:
+    """Raise ``ConfigError`` unless ``value`` is true or false."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} is invalid: accepted true, false")
+
+
+def check_choice(key: str, value: Any, choices: tuple[str, ...] | list[str]) -> None:
+    """Raise ``ConfigError`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is invalid: accepted {', '.join(map(str, choices))}")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check the top-level and data keys of a composed run config.
 
-    Group-specific checks (model depth, checkpoint files, ranks) live with the code that knows them
-    and also raise ``ConfigError``.
+    Group-specific checks (model depth, checkpoint files, method options) live with the code that
+    knows them and also raise ``ConfigError``.
 
     Parameters
     ----------
@@ -70,15 +109,12 @@ def validate(cfg: DictConfig) -> None:
         On the first invalid key, naming it and what is accepted.
     """
     for key in ("bits", "act_bits"):
-        _check_int(cfg, key, *BITS_RANGE)
-    rate = cfg.get("rate")
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 1:
-        raise ConfigError(f"rate={rate!r} is invalid: accepted a number > 1 (parameter reduction rate)")
-    _check_int(cfg, "seed", 0)
-    _check_int(cfg, "data.calib_samples", 1)
-    _check_int(cfg, "data.eval_samples", 1, nullable=True)
-    _check_int(cfg, "data.batch_size", 1)
-    _check_int(cfg, "data.num_workers", 0)
+        check_int(key, cfg.get(key), *BITS_RANGE)
+    check_number("rate", cfg.get("rate"), 1, low_open=True)
+    check_int("seed", cfg.get("seed"), 0, SEED_MAX)
+    for key in ("resume", "overwrite", "progress", "export"):
+        if key in cfg:
+            check_bool(key, cfg.get(key))
     device = cfg.get("device", "auto")
     if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
         raise ConfigError(f"device={device!r} is invalid: accepted auto, cpu, cuda or cuda:N")
@@ -89,11 +125,20 @@ def validate(cfg: DictConfig) -> None:
 
 
 def result_config(cfg: DictConfig) -> dict:
-    """The resolved config without the keys that do not change results (output, logging, cache)."""
-    kept = {k: v for k, v in cfg.items() if k not in _NON_RESULT_KEYS}
-    resolved = OmegaConf.to_container(OmegaConf.merge(kept), resolve=True)
+    """The resolved config without :data:`EXECUTION_KEYS` (what determines the result only)."""
+    # Drop first, resolve after: execution keys may hold interpolations (``${hydra:...}``) that
+    # only resolve inside a Hydra run.
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    assert isinstance(raw, dict)
+    for key in EXECUTION_KEYS:
+        *parents, leaf = key.split(".")
+        node: Any = raw
+        for parent in parents:
+            node = node.get(parent) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    resolved = OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
     assert isinstance(resolved, dict)
-    resolved.get("data", {}).pop("num_workers", None)
     return resolved
 
 

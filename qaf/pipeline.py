@@ -1,69 +1,53 @@
-"""One run, as a straight line.
+"""One run, as a straight line (the same for every method):
 
-    validate -> build model, data, method -> method.check -> float baseline (cached)
-      -> method.compress -> BN calibration -> activation observation -> evaluate
-      -> MACs / BOPs -> loggers -> metrics.json (written last, atomically)
+    validate -> output folder (resume / refuse to overwrite) -> build model, data, method
+      -> method.check -> float baseline (cached) -> method.compress
+      -> protocol: BN re-estimation -> activation observation -> [fine-tuning -> BN re-estimation]
+      -> evaluate (per image) -> BOPs, size -> metrics.json (last, atomically) + predictions, W&B
+
+Nothing here depends on which method runs: a method only changes the model, the protocol does the
+rest. Only rank 0 writes files when several processes run the passes (DDP).
 """
 
 from __future__ import annotations
 
-import json
+import copy
 import logging
-import os
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 
-from qaf import lit
+from qaf import lit, outputs, provenance
 from qaf.cache import FactorCache, key_digest, tensor_digest
+from qaf.calib import observing_activations, recalibrating_bn
 from qaf.config import ConfigError, config_hash, result_config, validate
 from qaf.data import DataBundle
 from qaf.methods.base import CompressContext, Method
 from qaf.metrics import bops as cost
-from qaf.quant.modules import act_quantizers, set_act_mode
+from qaf.metrics.size import size_bytes
+from qaf.metrics.stats import paired_comparison, wilson_interval
+from qaf.quant.policy import LayerPolicy
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("qaf")
 
-METRICS_FILE = "metrics.json"
+class Stages(dict):
+    """Seconds per pipeline stage, and the stage running now (named by ``failed.json``)."""
 
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON so that readers see either nothing or the whole file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, default=float)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def finished_metrics(output_dir: Path, chash: str) -> dict | None:
-    """The metrics of an earlier run of the same config in ``output_dir``, if any."""
-    path = output_dir / METRICS_FILE
-    try:
-        metrics = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return metrics if metrics.get("config_hash") == chash else None
-
-
-class Timings(dict):
-    """Seconds per pipeline stage."""
+    current = "setup"
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        self.current = name
         start = time.perf_counter()
         try:
             yield
@@ -90,16 +74,33 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_weights(model: nn.Module) -> None:
+    """Reject a model with non-finite weights before any method touches it."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ConfigError(f"model.checkpoint: tensor {name} holds NaN or inf values; "
+                              "accepted: a checkpoint with finite weights")
+
+
 def build_logger(cfg: DictConfig, output_dir: Path, job_name: str, job_type: str) -> Any:
-    """The experiment logger chosen by ``logger=``, or False for ``logger=none``."""
+    """The experiment logger chosen by ``logger=``, or False for ``logger=none``.
+
+    W&B: a new run per job (``reinit="create_new"``), grouped by sweep id, ``job_type`` = method;
+    the pipeline finishes it when the job ends, so the jobs of a sweep run in one process never
+    share a run.
+    """
     node = cfg.get("logger")
-    if not node or "_target_" not in node:
+    if not node or "_target_" not in node or not rank_zero_only.rank == 0:
         return False
-    target = str(node["_target_"])
-    if target.endswith("WandbLogger"):
-        # Group runs per sweep, one job type per method, so sweep dashboards come for free.
-        return instantiate(node, save_dir=str(output_dir), name=job_name, group=str(cfg.sweep_id),
-                           job_type=job_type)
+    if str(node["_target_"]).endswith("WandbLogger"):
+        import wandb
+
+        run = wandb.init(project=node.get("project"), entity=node.get("entity"), mode=node.get("mode", "offline"),
+                         tags=list(node.get("tags") or []), dir=str(output_dir), name=job_name,
+                         group=str(cfg.sweep_id), job_type=job_type, config=result_config(cfg),
+                         reinit="create_new", settings=wandb.Settings(silent=True, show_info=False))
+        return instantiate(node, experiment=run, save_dir=str(output_dir), _convert_="all",
+                           **{k: None for k in ("project", "entity", "mode", "tags") if k in node})
     return instantiate(node, save_dir=str(output_dir))
 
 
@@ -108,46 +109,59 @@ def log_results(logger: Any, metrics: dict) -> None:
     if not logger:
         return
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    logger.log_hyperparams(metrics["config"])
-    logger.log_metrics(scalars)
     if isinstance(logger, pl.loggers.WandbLogger):
         run = logger.experiment
         # Each run is one (bops_pct, top1) point; a scatter over the sweep group plots the Pareto front.
         run.define_metric("top1", step_metric="bops_pct")
         run.log({"bops_pct": metrics["bops_pct"], "top1": metrics["top1"]})
-        run.summary.update(scalars)
+        run.summary.update({**scalars, "top1_ci95": metrics["top1_ci95"]})
         if metrics["layers"]:
-            columns = sorted({key for layer in metrics["layers"] for key in layer})
-            rows = [[_loggable(layer.get(c)) for c in columns] for layer in metrics["layers"]]
             import wandb
 
+            columns = sorted({key for layer in metrics["layers"] for key in layer})
+            rows = [[_loggable(layer.get(c)) for c in columns] for layer in metrics["layers"]]
             run.log({"layers": wandb.Table(columns=columns, data=rows)})
+    else:
+        logger.log_hyperparams(metrics["config"])
+        logger.log_metrics(scalars)
     logger.save()
     logger.finalize("success")
+
+
+def finish_logger(logger: Any, failed: bool) -> None:
+    """End the job's W&B run (exit code 1 when the job failed)."""
+    if isinstance(logger, pl.loggers.WandbLogger):
+        logger.experiment.finish(exit_code=1 if failed else 0)
 
 
 def _loggable(value: Any) -> Any:
     return value if isinstance(value, (int, float, str, type(None))) else str(value)
 
 
-def float_accuracy(cfg: DictConfig, model: nn.Module, data: DataBundle, trainer: pl.Trainer) -> dict:
-    """Top-1/top-5 of the float model, cached on disk per (weights, data config)."""
-    # Keyed by the weights themselves, not the checkpoint path, so a replaced file is re-evaluated.
-    weights = [tensor_digest(t) for t in model.state_dict().values()]
-    key = {"weights": weights, "data": result_config(cfg)["data"]}
-    path = Path(cfg.cache.dir) / "fp32_eval" / f"{key_digest(key)[:16]}.json"
-    if cfg.cache.enabled and path.exists():
-        try:
-            return json.loads(path.read_text())
-        except ValueError:
-            pass  # a corrupt entry is recomputed
-    result = lit.evaluate(trainer, lit.Classifier(model, data.num_classes), data.eval_loader())
-    if cfg.cache.enabled:
-        write_json_atomic(path, result)
-    return result
+def float_baseline(cfg: DictConfig, model: nn.Module, data: DataBundle, trainer: pl.Trainer,
+                   cache: FactorCache) -> lit.EvalResult:
+    """Per-image results of the float model, cached per (weights, evaluation config, code version)."""
+    # Everything that changes the number: the weights themselves (not a path), the data config
+    # (set, subset, transforms), the numeric precision, and the evaluation code's version.
+    key = {"stage": "fp32_eval", "version": lit.EVAL_VERSION, "weights": key_digest(
+        {"tensors": [tensor_digest(t) for t in model.state_dict().values()]}),
+        "data": result_config(cfg)["data"], "precision": str(cfg.trainer.precision),
+        "accelerator": trainer.accelerator.__class__.__name__}
+
+    def compute() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        result = lit.evaluate(trainer, model, data.eval_loader())
+        return ({"correct1": torch.from_numpy(result.correct1), "correct5": torch.from_numpy(result.correct5)},
+                {"top1": result.top1})
+
+    stored, _, _ = cache.get_or_compute(key, compute, schema={"tensors": ["correct1", "correct5"], "meta": ["top1"]})
+    correct1, correct5 = stored["correct1"].numpy().astype(bool), stored["correct5"].numpy().astype(bool)
+    if correct1.shape != (len(data.eval),):  # type: ignore[arg-type]
+        raise RuntimeError("cached float evaluation does not match the evaluation set")
+    return lit.EvalResult(correct1, correct5)
 
 
-def _output_dir(cfg: DictConfig) -> Path:
+def output_dir_of(cfg: DictConfig) -> Path:
+    """The job's output folder (Hydra's, or multirun_outputs/<sweep_id> outside Hydra)."""
     from hydra.core.hydra_config import HydraConfig
 
     if HydraConfig.initialized():
@@ -173,57 +187,106 @@ def run(cfg: DictConfig) -> dict:
     -------
     dict
         The metrics written to ``<output dir>/metrics.json``.
-    """
-    validate(cfg)
-    output_dir = _output_dir(cfg)
-    chash = config_hash(cfg)
-    if cfg.resume and (done := finished_metrics(output_dir, chash)) is not None:
-        log.info("skipped: %s already holds metrics for this config (resume=true)", output_dir / METRICS_FILE)
-        return done
 
-    timings = Timings()
+    Raises
+    ------
+    ConfigError
+        For bad input, before heavy work (``failed.json`` records it, as any other error).
+    """
+    output_dir = output_dir_of(cfg)
+    chash = config_hash(cfg)
+    writer = rank_zero_only.rank == 0
+    try:
+        validate(cfg)
+    except ConfigError as err:
+        if writer:
+            outputs.record_failure(output_dir, err, "validate", chash)
+        raise
+    if writer:
+        done = outputs.prepare(output_dir, chash, bool(cfg.resume), bool(cfg.get("overwrite", False)),
+                               str(cfg.sweep_id))
+        if done is not None:
+            log.info("skipped: %s already holds the results of this config (resume=true)",
+                     output_dir / outputs.METRICS_FILE)
+            return done
+    stages = Stages()
+    marker = outputs.RunMarker(output_dir, chash) if writer else None
+    loggers: list[Any] = []
+    failed = False
+    try:
+        return _run(cfg, output_dir, chash, stages, writer, loggers)
+    except BaseException as err:
+        failed = True
+        if writer:
+            outputs.record_failure(output_dir, err, stages.current, chash)
+        raise
+    finally:
+        for logger in loggers:
+            finish_logger(logger, failed)
+        if marker is not None:
+            marker.close()
+
+
+def _run(cfg: DictConfig, output_dir: Path, chash: str, stages: Stages, writer: bool, loggers: list[Any]) -> dict:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     device = resolve_device(str(cfg.device))
-    with timings.stage("setup"):
+    progress = bool(cfg.progress)
+    with stages.stage("setup"):
         model: nn.Module = build(cfg.model)
+        check_weights(model)
         data: DataBundle = build(cfg.data)
         method: Method = build(cfg.method, bits=cfg.bits, act_bits=cfg.act_bits, rate=float(cfg.rate))
-        method.check(model, data)
-        cache = FactorCache(cfg.cache.dir) if cfg.cache.enabled else None
-    log.info("run %s: method=%s model=%s data=%s bits=%s act_bits=%s rate=%s -> %s", chash, method.name,
-             cfg.model._target_, data.name, cfg.bits, cfg.act_bits, cfg.rate, output_dir)
+        policy = LayerPolicy.from_config(cfg.policy)
+        finetune = build(cfg.finetune) if cfg.get("finetune") else None
+        cache = FactorCache(cfg.cache.dir, enabled=bool(cfg.cache.enabled))
+        ctx = CompressContext(data=data, device=device, policy=policy, cache=cache, seed=int(cfg.seed),
+                              progress=progress)
+        method.check(model, ctx)
+        teacher = copy.deepcopy(model) if finetune is not None else None
+    log.info("run %s: method=%s policy=%s bits=%s act_bits=%s rate=%s on %s (%d eval / %d calib images) -> %s",
+             chash, method.name, policy.name, cfg.bits, cfg.act_bits, cfg.rate, data.name, len(data.eval),
+             data.calib_samples, output_dir)
 
-    logger = build_logger(cfg, output_dir, job_name=output_dir.name, job_type=method.name)
     trainer_kw = dict(accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
-                      precision=cfg.trainer.precision, progress=cfg.progress, root_dir=str(output_dir))
-    trainer = lit.make_trainer(logger=False, **trainer_kw)
+                      precision=cfg.trainer.precision, root_dir=str(output_dir))
+
+    def trainer_for(loader: Any, logger: Any = False) -> pl.Trainer:
+        return lit.make_trainer(logger=logger, progress=lit.show_progress(loader, progress), **trainer_kw)
 
     fp32_costs = cost.layer_costs(model, data.input_size)
-    if method.name == "fp32":
-        fp32 = None
-    else:
-        with timings.stage("fp32_eval"):
-            fp32 = float_accuracy(cfg, model, data, trainer)
+    fp32_size = size_bytes(model)
+    with stages.stage("fp32_eval"):
+        fp32 = float_baseline(cfg, model, data, trainer_for(data.eval_loader()), cache)
+    log.info("float model: top-1 %.2f%% (%.1f s)", fp32.top1, stages["fp32_eval"])
 
-    with timings.stage("compress"):
-        ctx = CompressContext(data=data, device=device, cache=cache, seed=cfg.seed, progress=cfg.progress)
+    with stages.stage("compress"):
         layers = method.compress(model.to(device), ctx)
-    if method.bn_calibration:
-        with timings.stage("bn_calibration"):
-            _set_act_mode(model, "off")
-            lit.calibrate_bn(trainer, lit.Classifier(model, data.num_classes), data.calib_loader())
-    if method.observe_activations and _set_act_mode(model, "observe"):
-        with timings.stage("act_calibration"):
-            lit.run_calibration_pass(trainer, lit.Classifier(model, data.num_classes), data.calib_loader())
-            _set_act_mode(model, "quant")
+    log.info("compress (%s): %d layers (%.1f s)", method.name, len(layers), stages["compress"])
+    protocol = {"bn_recalibration": bool(cfg.protocol.bn_recalibration), **data.protocol(),
+                "policy": policy.as_dict(), "finetune": finetune.as_dict() if finetune is not None else None}
+    finetune_summary = None
+    recalibrate(cfg, model, data, stages, trainer_for)
+    observe(model, data, stages, trainer_for)
+    if finetune is not None:
+        with stages.stage("finetune"):
+            ft_trainer = finetune_trainer(finetune, progress, trainer_kw)
+            finetune_summary = finetune.run(model, teacher, data, ft_trainer)
+        log.info("finetune: %d steps, KD loss %.4f -> %.4f (%.1f s)", finetune.steps, finetune_summary["first_loss"],
+                 finetune_summary["last_loss"], stages["finetune"])
+        recalibrate(cfg, model, data, stages, trainer_for, after="finetune")
 
-    with timings.stage("eval"):
-        eval_trainer = lit.make_trainer(logger=logger, **trainer_kw)
-        scores = lit.evaluate(eval_trainer, lit.Classifier(model, data.num_classes), data.eval_loader())
+    logger = build_logger(cfg, output_dir, job_name=output_dir.name, job_type=method.name) if writer else False
+    if logger:
+        loggers.append(logger)
+    with stages.stage("eval"):
+        loader = data.eval_loader()
+        result = lit.evaluate(trainer_for(loader, logger), model, loader)
+    log.info("eval: top-1 %.2f%% on %d images (%.1f s)", result.top1, result.correct1.size, stages["eval"])
 
     costs = cost.layer_costs(model, data.input_size)
     fp32_macs = cost.total_macs(fp32_costs)
     bops = cost.total_bops(costs)
+    n = int(result.correct1.size)
     metrics = {
         "method": method.name,
         "model": _model_name(cfg),
@@ -232,28 +295,81 @@ def run(cfg: DictConfig) -> dict:
         "act_bits": int(cfg.act_bits),
         "rate": float(cfg.rate),
         "seed": int(cfg.seed),
-        "top1": round(scores["top1"], 4),
-        "top5": round(scores["top5"], 4),
-        "fp32_top1": round((fp32 or scores)["top1"], 4),
+        "policy": policy.name,
+        "top1": round(result.top1, 4),
+        "top5": round(result.top5, 4),
+        "eval_samples": n,
+        "top1_ci95": [round(v, 4) for v in wilson_interval(int(result.correct1.sum()), n)],
+        "fp32_top1": round(fp32.top1, 4),
+        "vs_fp32": paired_comparison(result.correct1, fp32.correct1).as_dict(),
         "macs": cost.total_macs(costs),
         "fp32_macs": fp32_macs,
         "bops": bops,
         "bops_pct": cost.bops_pct(bops, fp32_macs),
+        "bops_pct_paper": cost.paper_bops_pct(model, costs, fp32_macs, int(cfg.bits), int(cfg.act_bits)),
         "params": sum(p.numel() for p in model.parameters()),
-        "compressed_bits": cost.storage_bits(model),
+        "size_bytes": size_bytes(model),
+        "fp32_size_bytes": fp32_size,
+        "protocol": protocol,
         "layers": layers,
-        "method_summary": getattr(method, "summary", {}),
-        "timings": dict(timings),
+        "method_summary": method.summary,
+        "finetune_summary": finetune_summary,
+        "timings": dict(stages),
         "sweep_id": str(cfg.sweep_id),
         "overrides": _overrides(),
         "config_hash": chash,
         "config": result_config(cfg),
+        **provenance.versions(),
     }
-    log_results(logger, metrics)
-    write_json_atomic(output_dir / METRICS_FILE, metrics)
-    log.info("top1 %.2f%% (float %.2f%%), BOPs %.3f%% of float -> %s", metrics["top1"], metrics["fp32_top1"],
-             metrics["bops_pct"], output_dir / METRICS_FILE)
+    metrics["compression_ratio"] = fp32_size / metrics["size_bytes"]
+    if writer:
+        np.savez_compressed(output_dir / outputs.PREDICTIONS_FILE, correct1=np.packbits(result.correct1),
+                            correct5=np.packbits(result.correct5), n=n)
+        log_results(logger, metrics)
+        outputs.write_json_atomic(output_dir / outputs.METRICS_FILE, metrics)
+        (output_dir / outputs.FAILED_FILE).unlink(missing_ok=True)
+    lo, hi = metrics["top1_ci95"]
+    log.info("result: top-1 %.2f%% [%.2f, %.2f] (float %.2f%%), %.3f %%BOPs, %.1f kB (%.1fx smaller) -> %s",
+             metrics["top1"], lo, hi, metrics["fp32_top1"], metrics["bops_pct"], metrics["size_bytes"] / 1e3,
+             metrics["compression_ratio"], output_dir / outputs.METRICS_FILE)
     return metrics
+
+
+def recalibrate(cfg: DictConfig, model: nn.Module, data: DataBundle, stages: Stages, trainer_for: Any,
+                after: str = "compress") -> None:
+    """Batch-norm re-estimation on the calibration images (``data.bn_transform``), if the protocol says so."""
+    if not cfg.protocol.bn_recalibration:
+        return
+    name = "bn_recalibration" if after == "compress" else f"bn_recalibration_after_{after}"
+    with stages.stage(name):
+        loader = data.bn_loader()
+        with recalibrating_bn(model) as bns:
+            if bns:
+                lit.calibration_pass(trainer_for(loader), model, loader)
+    log.info("%s: %d BN layers on %d images (%s transform, %.1f s)", name, len(bns), data.calib_samples,
+             data.bn_transform, stages[name])
+
+
+def observe(model: nn.Module, data: DataBundle, stages: Stages, trainer_for: Any) -> None:
+    """Fit every activation quantizer without a grid on the calibration images (``data.calib_transform``)."""
+    with stages.stage("observe"):
+        loader = data.calib_loader()
+        with observing_activations(model) as pending:
+            if pending:
+                lit.calibration_pass(trainer_for(loader), model, loader)
+    if pending:
+        log.info("observe: %d activation quantizers on %d images (%s transform, %.1f s)", len(pending),
+                 data.calib_samples, data.calib_transform, stages["observe"])
+
+
+def finetune_trainer(finetune: Any, progress: bool, trainer_kw: dict) -> pl.Trainer:
+    """The fine-tuning trainer (progress bar when progress is on)."""
+    from qaf.finetune import make_trainer
+
+    kw = {k: v for k, v in trainer_kw.items() if k != "root_dir"}
+    devices = kw.pop("devices")
+    return make_trainer(finetune.steps, devices=devices, logger=False, enable_progress_bar=progress,
+                        default_root_dir=trainer_kw["root_dir"], **kw)
 
 
 def _model_name(cfg: DictConfig) -> str:
@@ -261,11 +377,3 @@ def _model_name(cfg: DictConfig) -> str:
     if "depth" in node:
         return f"resnet{node.depth}_cifar"
     return str(node.get("arch", node._target_))
-
-
-def _set_act_mode(model: nn.Module, mode: str) -> bool:
-    """Set every activation quantizer's mode; False when the model has none."""
-    if not act_quantizers(model):
-        return False
-    set_act_mode(model, mode)
-    return True

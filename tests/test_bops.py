@@ -7,7 +7,8 @@ import torch
 import torchvision
 from torch import nn
 
-from qaf.metrics.bops import bops_pct, layer_costs, storage_bits, total_bops, total_macs
+from qaf.decomp.layers import CPConv2d
+from qaf.metrics.bops import bops_pct, layer_costs, paper_bops_pct, total_bops, total_macs
 
 
 def test_resnet18_macs_at_224_match_the_papers_constant():
@@ -46,9 +47,19 @@ def test_shared_module_counts_every_call():
     assert total_macs(layer_costs(model, (4, 5, 5))) == 2 * 25 * 16
 
 
-def test_storage_bits_follow_weight_bits():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=True), nn.Linear(4, 2))
-    assert storage_bits(model) == 32 * sum(p.numel() for p in model.parameters())
-    model[0].qaf_bits = (4, 8)
-    expected = 4 * 108 + 32 * 4 + 32 * (8 + 2)
-    assert storage_bits(model) == expected
+def test_paper_convention_for_unfactorized_baselines_and_per_layer_for_factorized():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    costs = layer_costs(model, (3, 10, 10))
+    fp32 = total_macs(costs)
+    assert paper_bops_pct(model, costs, fp32, 4, 8) == 100.0  # nothing quantized
+    model[0].qaf_bits, model[1].qaf_bits, model[3].qaf_bits = (8, 8), (8, 8), (4, 8)
+    costs = layer_costs(model, (3, 10, 10))
+    assert paper_bops_pct(model, costs, fp32, 4, 8) == pytest.approx(100 * 4 * 8 / 1024)
+    assert bops_pct(total_bops(costs), fp32) > 100 * 4 * 8 / 1024  # per layer: the 8-bit stem costs more
+    g = torch.Generator().manual_seed(0)
+    model[3] = CPConv2d(model[3], [torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g),
+                                   torch.randn(9, 5, generator=g)])
+    for sub in (model[3].pointwise_in, model[3].depthwise, model[3].pointwise_out):
+        sub.qaf_bits = (4, 8)
+    costs = layer_costs(model, (3, 10, 10))
+    assert paper_bops_pct(model, costs, fp32, 4, 8) == pytest.approx(bops_pct(total_bops(costs), fp32))

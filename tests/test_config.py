@@ -31,7 +31,9 @@ def compose_cfg(*overrides: str) -> DictConfig:
 
 
 def test_groups_are_populated():
-    assert {"fp32", "ptq", "cpd", "cpd_epc", "admm", "admm_epc", "lapq"} <= set(options("method"))
+    assert {"fp32", "ptq", "cpd", "cpd_epc", "admm", "admm_epc", "lapq", "qswd"} <= set(options("method"))
+    assert {"uniform", "qaf", "lapq"} <= set(options("policy"))
+    assert {"none", "kd"} <= set(options("finetune"))
     assert {"resnet20_cifar", "resnet18"} <= set(options("model"))
     assert {"cifar10_embedded", "cifar10", "imagenet"} <= set(options("data"))
     assert {"wandb", "csv", "none"} <= set(options("logger"))
@@ -44,14 +46,42 @@ def test_every_method_composes_and_instantiates(method):
     instance = instantiate(cfg.method, bits=cfg.bits, act_bits=cfg.act_bits, rate=float(cfg.rate))
     assert isinstance(instance, Method)
     assert instance.name == method
+    from qaf.data.cifar10 import embedded
+    from qaf.methods.base import CompressContext
+    from qaf.models.cifar_resnet import build
+    from qaf.quant.policy import LayerPolicy
+
+    ctx = CompressContext(data=embedded(eval_samples=10), device=__import__("torch").device("cpu"),
+                          policy=LayerPolicy.from_config(cfg.policy))
+    instance.check(build(20), ctx)  # the defaults are valid on the default model
 
 
-@pytest.mark.parametrize("group", ["model", "data", "logger"])
+def test_methods_choose_their_reference_policy_and_protocol_unless_told_otherwise():
+    assert compose_cfg("method=ptq").policy.name == "uniform"
+    assert compose_cfg("method=admm_epc").policy.name == "qaf"
+    lapq = compose_cfg("method=lapq")
+    assert lapq.policy.name == "lapq" and not lapq.protocol.bn_recalibration
+    fair = compose_cfg("method=lapq", "policy=uniform", "protocol.bn_recalibration=true")
+    assert fair.policy.name == "uniform" and fair.protocol.bn_recalibration
+    assert compose_cfg("method=qswd").finetune._target_ == "qaf.finetune.Distillation"
+    assert not compose_cfg("method=qswd", "finetune=none").finetune
+
+
+@pytest.mark.parametrize("policy", options("policy"))
+def test_every_policy_validates(policy):
+    from qaf.quant.policy import LayerPolicy
+
+    assert LayerPolicy.from_config(compose_cfg(f"policy={policy}").policy).name == policy
+
+
+@pytest.mark.parametrize("group", ["model", "data", "logger", "finetune"])
 def test_every_option_composes(group):
     for option in options(group):
         cfg = compose_cfg(f"{group}={option}")
         validate(cfg)
         assert cfg[group] is not None or option == "none"
+        if group == "finetune" and option != "none":
+            instantiate(cfg.finetune)
 
 
 def test_defaults():
@@ -63,8 +93,8 @@ def test_defaults():
 @pytest.mark.parametrize(
     "override, key",
     [("bits=1", "bits"), ("bits=17", "bits"), ("act_bits=0", "act_bits"), ("bits=4.5", "bits"),
-     ("rate=1.0", "rate"), ("rate=0.5", "rate"), ("data.calib_samples=0", "data.calib_samples"),
-     ("data.batch_size=-3", "data.batch_size"), ("device=tpu", "device")],
+     ("rate=1.0", "rate"), ("rate=0.5", "rate"), ("rate=inf", "rate"), ("rate=nan", "rate"),
+     ("seed=4294967296", "seed"), ("seed=-1", "seed"), ("resume=maybe", "resume"), ("device=tpu", "device")],
 )
 def test_bad_values_name_the_key(override, key):
     cfg = compose_cfg(override)
@@ -72,10 +102,14 @@ def test_bad_values_name_the_key(override, key):
         validate(cfg)
 
 
-def test_config_hash_ignores_output_keys_but_not_results():
-    base = compose_cfg()
-    assert config_hash(base) == config_hash(compose_cfg("sweep_id=other", "logger=csv", "progress=false"))
-    assert config_hash(base) != config_hash(compose_cfg("bits=6"))
+def test_config_hash_ignores_execution_keys_but_not_results():
+    base = compose_cfg("method=ptq")
+    same = ["method=ptq", "sweep_id=other", "logger=csv", "progress=false", "trainer.devices=2", "device=cpu",
+            "data.num_workers=3", "cache.dir=/elsewhere", "overwrite=true", "trainer.accelerator=cpu"]
+    assert config_hash(base) == config_hash(compose_cfg(*same))
+    for different in ("bits=6", "data.batch_size=128", "trainer.precision=bf16-mixed", "data.bn_transform=eval",
+                      "protocol.bn_recalibration=false", "policy=qaf", "seed=1"):
+        assert config_hash(base) != config_hash(compose_cfg("method=ptq", different)), different
 
 
 def test_sweep_ids_do_not_collide_within_a_second():
@@ -87,12 +121,21 @@ def test_sweep_ids_do_not_collide_within_a_second():
     assert re.fullmatch(r"sweep_id: \d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_[0-9a-f]{6}", ids[0]), ids[0]
 
 
-def test_cli_bad_input_is_one_clear_error(tmp_path: Path):
-    result = run_cli(["bits=1", "logger=none"], cwd=tmp_path, timeout=120)
-    assert result.returncode == 2
-    assert "qaf: config error: bits=1 is invalid: accepted an integer in 2..16" in result.stderr
+@pytest.mark.parametrize("override, message", [
+    ("bits=1", "bits=1 is invalid: accepted an integer in 2..16"),
+    ("seed=4294967296", "seed=4294967296 is invalid: accepted an integer in 0..4294967295"),
+    ("rate=inf", "rate=inf is invalid: accepted a finite number > 1"),
+    ("+method.nosuch=1", "method.nosuch is not an option of method=ptq: accepted act_clip, clip, p, per_channel"),
+    ("policy.stem=half", "policy.stem='half' is invalid: accepted bits, keep, float"),
+])
+def test_cli_bad_input_is_one_clear_error(tmp_path: Path, override: str, message: str):
+    result = run_cli(["method=ptq", override, "logger=none"], cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"qaf: config error: {message}" in result.stderr
     assert "Traceback" not in result.stderr
     assert not list(tmp_path.rglob("metrics.json"))
+    (failed,) = tmp_path.rglob("failed.json")  # recorded for the report, with the stage
+    assert '"error_type": "ConfigError"' in failed.read_text()
 
 
 def test_cli_unknown_option_lists_accepted(tmp_path: Path):

@@ -16,7 +16,7 @@ from hydra.utils import get_method
 from omegaconf import OmegaConf
 
 from qaf.config import ConfigError
-from qaf.data import DataBundle, eval_indices
+from qaf.data import IMAGENET_MEAN, IMAGENET_STD, DataBundle, eval_indices
 from qaf.data import cifar10, imagenet
 
 SHARED = Path(os.environ.get("QAF_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -36,124 +36,164 @@ def test_data_config_keys_are_builder_arguments(name: str) -> None:
     builder = get_method(cfg.pop("_target_"))
     params = inspect.signature(builder).parameters
     assert set(cfg) <= set(params)
-    assert {"calib_samples", "eval_samples", "batch_size", "num_workers", "seed"} <= set(cfg)
+    assert {"calib_samples", "eval_samples", "batch_size", "num_workers", "seed", "bn_transform",
+            "calib_transform"} <= set(cfg)
     assert cfg["seed"] == "${seed}" and cfg["calib_samples"] == 2048 and cfg["eval_samples"] is None
+    assert (cfg["bn_transform"], cfg["calib_transform"]) == ("train", "eval")
 
 
 # --- embedded CIFAR-10 ---------------------------------------------------------------------------
 
-def test_embedded_defaults_and_shapes() -> None:
+def test_embedded_is_the_full_test_set_and_a_training_pool() -> None:
     bundle = cifar10.embedded(seed=0)
     assert isinstance(bundle, DataBundle)
     assert (bundle.name, bundle.num_classes, bundle.input_size) == ("cifar10_embedded", 10, (3, 32, 32))
-    assert len(bundle.eval) == 846 and len(bundle.calib) == 2048
+    assert len(bundle.eval) == 10_000 and len(bundle.pool) == 10_000 and len(bundle.calib()) == 2048
+    assert bundle.eval.test_index.tolist() == list(range(10_000))  # official order
     x, y = bundle.eval[0]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and isinstance(y, int)
+    with np.load(cifar10.TRAIN_FILE) as train:
+        assert np.bincount(train["labels"]).tolist() == [1000] * 10
 
 
-def test_embedded_calibration_and_evaluation_are_disjoint() -> None:
-    bundle = cifar10.embedded(calib_samples=4096, seed=0)
-    assert sorted(bundle.eval.test_index.tolist()) == list(range(846))
-    assert bundle.calib.test_index.min() >= 846
-    assert len(set(bundle.calib.test_index.tolist())) == 4096
-    assert not set(bundle.calib.test_index.tolist()) & set(bundle.eval.test_index.tolist())
+def test_calibration_never_touches_test_images() -> None:
+    with np.load(cifar10.TEST_FILE) as test, np.load(cifar10.TRAIN_FILE) as train:
+        test_images = {bytes(img) for img in test["images"]}
+        assert not any(bytes(img) in test_images for img in train["images"])
 
 
-def test_embedded_calibration_pick_follows_seed() -> None:
-    a = cifar10.embedded(calib_samples=256, seed=1).calib.test_index
-    b = cifar10.embedded(calib_samples=256, seed=1).calib.test_index
-    c = cifar10.embedded(calib_samples=256, seed=2).calib.test_index
-    larger = cifar10.embedded(calib_samples=512, seed=1).calib.test_index
+def test_calibration_pick_follows_seed_and_extends() -> None:
+    a = cifar10.embedded(calib_samples=256, seed=1).order[:256]
+    b = cifar10.embedded(calib_samples=256, seed=1).order[:256]
+    c = cifar10.embedded(calib_samples=256, seed=2).order[:256]
+    larger = cifar10.embedded(calib_samples=512, seed=1)
     assert np.array_equal(a, b) and not np.array_equal(a, c)
-    assert np.array_equal(larger[:256], a)  # more samples extend, not reshuffle, the pick
+    assert np.array_equal(larger.order[:256], a)  # more samples extend, not reshuffle, the pick
+    assert len(larger.calib(samples=300)) == 300
 
 
-def test_embedded_preprocessing_matches_totensor_normalize() -> None:
+def test_eval_transform_matches_totensor_normalize() -> None:
     bundle = cifar10.embedded(calib_samples=8, eval_samples=8, seed=0)
-    with np.load(cifar10.EVAL_FILE) as raw:
+    with np.load(cifar10.TEST_FILE) as raw, np.load(cifar10.TRAIN_FILE) as train:
         pil = Image.fromarray(raw["images"][0])
         label = int(raw["labels"][0])
-    expected = cifar10.cifar_transform()(pil)
+        first = int(bundle.order[0])
+        train_pil, train_label = Image.fromarray(train["images"][first]), int(train["labels"][first])
+    expected = cifar10.cifar_transforms(tensor_input=False)["eval"](pil)
     x, y = bundle.eval[0]
     assert y == label
     torch.testing.assert_close(x, expected, rtol=0, atol=1e-6)
+    calib_x, calib_y = bundle.calib("eval")[0]
+    assert calib_y == train_label
+    torch.testing.assert_close(calib_x, cifar10.cifar_transforms(tensor_input=False)["eval"](train_pil),
+                               rtol=0, atol=1e-6)
 
 
-def test_embedded_calibration_labels_fit_the_images() -> None:
-    # The JPEG copies cost ResNet-20 about 10 points (README: ~82 %); misaligned labels give ~10 %.
-    from qaf.models.cifar_resnet import build
+def test_training_transform_is_padded_crop_and_flip_seeded_per_image() -> None:
+    bundle = cifar10.embedded(calib_samples=64, seed=0)
+    eval_view, train_view = bundle.calib("eval"), bundle.calib("train")
+    again = cifar10.embedded(calib_samples=64, seed=0).calib("train")
+    shifted = 0
+    for i in range(64):
+        x, _ = train_view[i]
+        torch.testing.assert_close(x, again[i][0], rtol=0, atol=0)  # reproducible
+        plain = eval_view[i][0]
+        # every training view is a 32x32 window of the zero-padded (pixel 0 = black) image, maybe flipped
+        black = ((0 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)).view(3, 1, 1)
+        padded = black.expand(3, 40, 40).clone()
+        padded[:, 4:36, 4:36] = plain
+        windows = [padded[:, r:r + 32, c:c + 32] for r in range(9) for c in range(9)]
+        assert any(torch.allclose(x, w, atol=1e-6) or torch.allclose(x, w.flip(-1), atol=1e-6) for w in windows)
+        shifted += not torch.allclose(x, plain)
+    assert shifted > 48
+    # the same image gets the same augmentation in any subset, a different one under another seed
+    torch.testing.assert_close(bundle.calib("train", samples=8)[3][0], train_view[3][0], rtol=0, atol=0)
+    assert not all(torch.equal(train_view[i][0], cifar10.embedded(calib_samples=64, seed=0).calib(
+        "train", epoch=1)[i][0]) for i in range(8))  # fresh augmentations in the next epoch
 
-    bundle = cifar10.embedded(calib_samples=512, seed=0)
-    model = build(depth=20)
-    with torch.no_grad():
-        correct = sum((model(x).argmax(1) == y).sum().item() for x, y in bundle.calib_loader())
-    assert 0.75 < correct / 512 < 0.90
 
-
-def test_loaders_are_deterministic_and_unshuffled() -> None:
+def test_loaders_are_deterministic_unshuffled_and_indexed() -> None:
     bundle = cifar10.embedded(calib_samples=300, eval_samples=100, batch_size=64, seed=0)
-    loader = bundle.eval_loader()
-    first = [y for _, y in loader]
-    second = [y for _, y in bundle.eval_loader()]
-    assert [len(y) for y in first] == [64, 36]
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
-    assert torch.equal(torch.cat(first), torch.tensor([bundle.eval[i][1] for i in range(100)]))
+    first = list(bundle.eval_loader())
+    second = list(bundle.eval_loader())
+    assert [len(y) for _, y, _ in first] == [64, 36]
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(first, second))
+    assert torch.cat([i for _, _, i in first]).tolist() == list(range(100))
     assert sum(len(y) for _, y in bundle.calib_loader()) == 300
+    assert sum(len(y) for _, y in bundle.bn_loader()) == 300
 
 
 def test_eval_subset_spans_the_set() -> None:
-    picked = eval_indices(846, 100)
-    assert len(set(picked.tolist())) == 100 and picked[0] == 0 and picked[-1] > 830
+    picked = eval_indices(10_000, 100)
+    assert len(set(picked.tolist())) == 100 and picked[0] == 0 and picked[-1] > 9800
     assert np.array_equal(eval_indices(5, None), np.arange(5))
 
 
 @pytest.mark.parametrize("kwargs, key", [
-    ({"calib_samples": 4097}, "data.calib_samples"),
+    ({"calib_samples": 10_001}, "data.calib_samples"),
     ({"calib_samples": 0}, "data.calib_samples"),
-    ({"eval_samples": 847}, "data.eval_samples"),
+    ({"eval_samples": 10_001}, "data.eval_samples"),
     ({"eval_samples": 0}, "data.eval_samples"),
     ({"batch_size": 0}, "data.batch_size"),
     ({"num_workers": -1}, "data.num_workers"),
+    ({"bn_transform": "augmented"}, "data.bn_transform"),
+    ({"calib_transform": "test"}, "data.calib_transform"),
 ])
-def test_embedded_bad_counts_are_config_errors(kwargs: dict, key: str) -> None:
+def test_embedded_bad_values_are_config_errors(kwargs: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=key):
         cifar10.embedded(**{"seed": 0, **kwargs})
 
 
 def test_embedded_too_many_calibration_samples_names_the_maximum() -> None:
-    with pytest.raises(ConfigError, match=r"data.calib_samples=5000 .*1\.\.4096"):
-        cifar10.embedded(calib_samples=5000, seed=0)
+    with pytest.raises(ConfigError, match=r"data.calib_samples=10001 .*1\.\.10000"):
+        cifar10.embedded(calib_samples=10_001, seed=0)
 
 
 # --- torchvision CIFAR10 on disk -----------------------------------------------------------------
 
-def _fake_cifar_root(root: Path) -> None:
-    """Write the python-version batch files with tiny contents; train labels 0..4, test 5..9."""
+def write_official_layout(root: Path) -> None:
+    """The shipped arrays as the official python archive lays them out: pickled dicts with
+    'batch_label', 'labels', 'data' (N x 3072 uint8: the R, G and B planes of each 32x32 image,
+    rows in order) and 'filenames'; five training batches, the test batch in official order."""
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        labels = [5 + i % 5 for i in range(20)] if name == "test_batch" else [i % 5 for i in range(20)]
-        data = rng.integers(0, 256, (20, 3072), dtype=np.uint8)
-        with open(folder / name, "wb") as f:
-            pickle.dump({"data": data, "labels": labels}, f)
+    with np.load(cifar10.TEST_FILE) as test, np.load(cifar10.TRAIN_FILE) as train:
+        splits = [(f"data_batch_{i + 1}", train, slice(2000 * i, 2000 * (i + 1))) for i in range(5)]
+        for name, arrays, part in splits + [("test_batch", test, slice(None))]:
+            images = arrays["images"][part]
+            batch = {"batch_label": f"{name} written by qaf's tests", "labels": arrays["labels"][part].tolist(),
+                     "data": images.transpose(0, 3, 1, 2).reshape(len(images), 3072),
+                     "filenames": arrays["names"][part].tolist()}
+            with open(folder / name, "wb") as f:
+                pickle.dump(batch, f)
     with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": list(cifar10.CLASSES)}, f)
+        pickle.dump({"label_names": list(cifar10.CLASSES), "num_cases_per_batch": 10000, "num_vis": 3072}, f)
 
 
-def test_torchvision_cifar10_uses_train_for_calibration_and_test_for_evaluation(
-        tmp_path: Path, monkeypatch) -> None:
-    _fake_cifar_root(tmp_path)
-    # The real check compares md5 sums of the official files; these stand-ins cannot pass it.
-    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity",
-                        lambda path, md5=None: os.path.isfile(path))
-    bundle = cifar10.torchvision_cifar10(root=str(tmp_path), calib_samples=30, eval_samples=None,
-                                         batch_size=8, num_workers=0, seed=0)
-    assert (bundle.name, len(bundle.calib), len(bundle.eval)) == ("cifar10", 30, 20)
-    assert {y for _, y in bundle.calib} <= set(range(5))
-    assert {y for _, y in bundle.eval} == set(range(5, 10))
-    x, _ = next(iter(bundle.eval_loader()))
-    assert x.shape == (8, 3, 32, 32)
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cifar")
+    write_official_layout(root)
+    return root
+
+
+def test_torchvision_cifar10_reads_the_official_layout(cifar_root: Path, monkeypatch) -> None:
+    # torchvision checks the md5 sums of the official archive's files; re-pickled files cannot match
+    # them byte for byte, so only that check is bypassed: the images and the layout are the real ones.
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+    from qaf import lit
+    from qaf.models.cifar_resnet import build
+
+    bundle = cifar10.torchvision_cifar10(root=str(cifar_root), calib_samples=30, batch_size=500, num_workers=0,
+                                         seed=0)
+    embedded = cifar10.embedded(eval_samples=20, seed=0)
+    assert (bundle.name, len(bundle.pool), len(bundle.eval)) == ("cifar10", 10_000, 10_000)
+    for i in (0, 1, 9999):
+        torch.testing.assert_close(bundle.eval[i][0], cifar10.embedded(seed=0).eval[i][0], rtol=0, atol=1e-6)
+    assert bundle.calib("eval")[0][1] == bundle.pool[int(bundle.order[0])][1]
+    assert len(embedded.eval) == 20
+    result = lit.evaluate(lit.make_trainer(accelerator="cpu"), build(20), bundle.eval_loader())
+    assert round(result.top1, 2) == 91.73  # the published full-test accuracy, from the batch files
 
 
 def test_torchvision_cifar10_root_errors(tmp_path: Path) -> None:
@@ -192,6 +232,10 @@ def test_imagenet_subset_labels_match_ground_truth() -> None:
     assert sum(positional[Path(p).parent.name] != y for p, y in folder.samples) > 1000
     x, y = bundle.eval[0]
     assert x.shape == (3, 224, 224) and y == int(truth[labels[0][0]])
+    train_x, _ = bundle.calib("train")[0]
+    again, _ = bundle.calib("train")[0]
+    assert train_x.shape == (3, 224, 224) and torch.equal(train_x, again)  # RandomResizedCrop, seeded
+    assert not torch.equal(train_x, bundle.calib("eval")[0][0])
 
 
 @needs_imagenet_subset
@@ -200,11 +244,11 @@ def test_imagenet_calibrates_on_train_split(tmp_path: Path) -> None:
     (tmp_path / "val").symlink_to(IMAGENET_SUBSET / "val")
     bundle = imagenet.folders(root=str(tmp_path), calib_samples=32, eval_samples=50,
                               batch_size=16, num_workers=0, seed=0)
-    assert len(bundle.calib) == 32 and len(bundle.eval) == 50
-    assert Path(bundle.calib.dataset.root).name == "train"
+    assert len(bundle.calib()) == 32 and len(bundle.eval) == 50
+    assert Path(bundle.pool.root).name == "train"
     # Evenly spread eval subset reaches the last classes, not only the first folders.
     assert bundle.eval.dataset.targets[bundle.eval.indices[-1]] > 900
-    x, y = next(iter(bundle.calib_loader()))
+    x, y = next(iter(bundle.bn_loader()))
     assert x.shape == (16, 3, 224, 224) and y.dtype == torch.int64
 
 

@@ -13,7 +13,11 @@ from qaf.config import ConfigError
 from qaf.data import DataBundle
 from qaf.methods.base import CompressContext
 from qaf.methods.lapq import LAPQ, BlockMemo, calibration_batches, calibration_loss, fit_p_star
-from qaf.quant.modules import ActQuantizer, QuantLayer
+from qaf.quant.modules import ActQuantizer, QuantLayer, QuantReLU
+from qaf.quant.policy import LayerPolicy
+
+LAPQ_POLICY = LayerPolicy(name="lapq", stem="float", last_conv="float", classifier="float")
+UNIFORM = LayerPolicy()
 
 
 class Block(nn.Module):
@@ -46,14 +50,20 @@ class Forbidden(Dataset):
 
 def bundle(n: int = 48) -> DataBundle:
     g = torch.Generator().manual_seed(1)
-    calib = TensorDataset(torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 4, (n,), generator=g))
-    return DataBundle("synthetic", calib, Forbidden(), 4, (3, 8, 8), 16, 0)
+    pool = TensorDataset(torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 4, (n,), generator=g))
+    same = {"train": lambda x: x, "eval": lambda x: x}
+    return DataBundle("synthetic", pool, Forbidden(), same, 4, (3, 8, 8), calib_samples=n, seed=0, batch_size=16,
+                      num_workers=0)
 
 
-def run(model: nn.Module, progress: bool = False, **options) -> LAPQ:
-    method = LAPQ(**{"bits": 3, "act_bits": 3, "calib_samples": 32, "batch_size": 16, "p_count": 4, **options})
-    ctx = CompressContext(data=bundle(), device=torch.device("cpu"), progress=progress)
-    method.report = method.compress(model, ctx)
+def ctx(policy: LayerPolicy = LAPQ_POLICY, progress: bool = False) -> CompressContext:
+    return CompressContext(data=bundle(), device=torch.device("cpu"), policy=policy, progress=progress)
+
+
+def run(model: nn.Module, progress: bool = False, policy: LayerPolicy = LAPQ_POLICY, **options) -> LAPQ:
+    method = LAPQ(**{"bits": 3, "act_bits": 3, "calib_samples": 32, "batch_size": 16, "p_count": 4,
+                     "placement": "input", **options})
+    method.report = method.compress(model, ctx(policy, progress))
     return method
 
 
@@ -70,7 +80,7 @@ def test_fit_p_star_guards() -> None:
 @pytest.mark.parametrize("maxiter", [1])
 def test_powell_never_returns_a_loss_above_its_start(maxiter: int, caplog) -> None:
     model = tiny_resnet()
-    with caplog.at_level(logging.INFO, logger="qaf.methods.lapq"):
+    with caplog.at_level(logging.INFO, logger="qaf"):
         method = run(model, progress=True, maxiter=maxiter)
     assert "lapq p-sweep 4/4" in caplog.text and "lapq Powell iteration 1" in caplog.text
     s = method.summary
@@ -83,13 +93,12 @@ def test_powell_never_returns_a_loss_above_its_start(maxiter: int, caplog) -> No
 def test_layers_clips_and_float_policy() -> None:
     model = tiny_resnet()
     method = run(model, maxiter=0)
-    names = [r["name"] for r in method.report]
-    assert names == ["3.0.conv1", "3.0.conv2", "3.1.conv1"]  # first and last conv, and the Linear, in float
+    assert method.summary["weight_clips"] == ["3.0.conv1", "3.0.conv2", "3.1.conv1"]  # first and last conv, Linear float
     assert not hasattr(model[0], "qaf_bits") and not hasattr(model[6], "qaf_bits")
     assert model[3][1].conv2.__class__ is nn.Conv2d
     assert method.summary["n_clips"] == 6 and method.summary["float_layers"] == ["0", "3.1.conv2", "6"]
     assert model[3][0].conv1.layer.qaf_bits == (3, 3)
-    assert all(r["a_unsigned"] for r in method.report)  # inputs are post-ReLU
+    assert all(r["a_unsigned"] for r in method.report if "a_unsigned" in r)  # inputs are post-ReLU
     assert len(method.summary["p_sweep_loss"]) == 4
 
 
@@ -113,17 +122,69 @@ def test_zero_free_grid_by_default() -> None:
     assert torch.unique(model[3][0].conv1.layer.weight).numel() <= 2**3
 
 
-def test_layers_reading_one_tensor_share_an_activation_clip() -> None:
+def test_input_placement_shares_one_clip_between_layers_reading_one_tensor() -> None:
     torchvision = pytest.importorskip("torchvision")
     model = torchvision.models.resnet18(weights=None).eval()
-    method = LAPQ(bits=4, act_bits=4)
-    targets = method._targets(model)
-    slots = method._insert_quantizers(model, targets, torch.randn(2, 3, 32, 32))
-    # the reference's 18 weight clips and 15 activation clips (33 Powell variables) on ResNet-18
-    assert len(targets) == 18 and len(slots) == 15
+    layers, slots = LAPQ(bits=4, act_bits=4, placement="input").insert_quantizers(
+        model, LAPQ_POLICY, torch.randn(2, 3, 32, 32))
+    assert len(layers) == 18 and len(slots) == 15
     block = model.layer2[0]
     assert block.conv1.act is block.downsample[0].act
     assert isinstance(block.conv1.act, ActQuantizer) and isinstance(block.downsample[0], QuantLayer)
+
+
+def test_reference_slots_on_resnet18_are_lapq_v2s_18_weight_and_15_activation_clips() -> None:
+    # lapq_v2.py with its custom ResNet-18: convs[1:-1] (downsample convs included) and ReLUs[1:-1]
+    # (separate relu1/relu2 per block), 33 Powell variables.
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18(weights=None).eval()
+    layers, slots = LAPQ(bits=4, act_bits=4).insert_quantizers(model, LAPQ_POLICY, torch.randn(2, 3, 32, 32))
+    blocks = [f"layer{s}.{b}" for s in range(1, 5) for b in range(2)]
+    convs = [f"{b}.conv{i}" for b in blocks for i in (1, 2)]
+    downsample = {"layer2.0": "layer2.0.downsample.0", "layer3.0": "layer3.0.downsample.0",
+                  "layer4.0": "layer4.0.downsample.0"}
+    expected_w = [n for b in blocks for n in (f"{b}.conv1", f"{b}.conv2", downsample.get(b)) if n][:-1]
+    assert list(layers) == expected_w and len(layers) == 18 and "conv1" not in layers and convs[-1] not in layers
+    relus = [f"{b}.relu{i}" for b in blocks for i in (1, 2)]
+    assert [s.owners[0] for s in slots] == relus[:-1] and len(slots) == 15  # stem relu and last relu2 float
+    assert all(s.unsigned for s in slots)
+
+
+def test_relu_placement_quantizes_what_the_identity_shortcut_reads() -> None:
+    from qaf.calib import observing_activations, run_passes
+    from qaf.models.cifar_resnet import build
+
+    model = build(20)
+    x = torch.randn(8, 3, 32, 32)
+    _, slots = LAPQ(bits=4, act_bits=4).insert_quantizers(model, LAPQ_POLICY, x)
+    assert len(slots) == 17 and isinstance(model.layer1[0].relu2, QuantReLU)
+    with observing_activations(model):
+        run_passes(model, [(x,)])
+    seen = {}
+    model.layer1[1].register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    with torch.no_grad():
+        model(x)
+    # block layer1.1's input: its conv1 and its identity shortcut both read the quantized tensor
+    grid = model.layer1[0].relu2.act.grid
+    assert torch.equal(grid(seen["x"]), seen["x"]) and seen["x"].unique().numel() <= 16
+
+
+def test_uniform_policy_puts_lapq_and_ptq_on_the_same_bops() -> None:
+    from qaf.methods.ptq import PTQ
+    from qaf.metrics.bops import layer_costs
+    from qaf.models.cifar_resnet import build
+
+    bops = {}
+    for name, method in (("lapq", LAPQ(bits=4, act_bits=4)), ("ptq", PTQ(bits=4, act_bits=4))):
+        model = build(20)
+        if name == "lapq":
+            method.insert_quantizers(model, UNIFORM, torch.randn(4, 3, 32, 32))
+        else:
+            method.compress(model, ctx(UNIFORM))
+        bops[name] = {c.name: (c.w_bits, c.a_bits) for c in layer_costs(model, (3, 32, 32))}
+    assert bops["lapq"] == bops["ptq"]
+    assert bops["ptq"]["conv1.layer"] == (8, 8) and bops["ptq"]["linear.layer"] == (8, 8)
+    assert bops["ptq"]["layer1.0.conv1.layer"] == (4, 4) and bops["ptq"]["layer3.2.conv2.layer"] == (4, 4)
 
 
 def test_block_memo_is_exact() -> None:
@@ -155,19 +216,20 @@ def test_block_memo_is_exact() -> None:
 
 @pytest.mark.parametrize("options,key", [({"weight_grid": "zero"}, "method.weight_grid"),
                                          ({"maxiter": -1}, "method.maxiter"),
-                                         ({"p_min": 4.0, "p_max": 2.0}, "method.p_min"),
-                                         ({"skip_first": 10}, "method.skip_first"),
+                                         ({"p_min": 4.0, "p_max": 2.0}, "method.p_max"),
+                                         ({"placement": "output"}, "method.placement"),
                                          ({"calib_samples": 100}, "method.calib_samples")])
 def test_bad_options_raise_config_error(options, key) -> None:
     with pytest.raises(ConfigError, match=key):
-        LAPQ(**options).check(tiny_resnet(), bundle())
+        LAPQ(**options).check(tiny_resnet(), ctx())
 
 
-def test_everything_quantized_when_asked() -> None:
+def test_everything_quantized_when_the_policy_says_so() -> None:
     model = tiny_resnet()
-    method = run(model, maxiter=0, skip_first=0, skip_last=0, quantize_linear=True)
-    assert [r["name"] for r in method.report] == ["0", "3.0.conv1", "3.0.conv2", "3.1.conv1", "3.1.conv2", "6"]
+    policy = LayerPolicy(name="all", stem="bits", classifier="bits")
+    method = run(model, maxiter=0, policy=policy)
+    assert method.summary["weight_clips"] == ["0", "3.0.conv1", "3.0.conv2", "3.1.conv1", "3.1.conv2", "6"]
     assert method.summary["float_layers"] == []
-    stem = method.report[0]
+    stem = next(r for r in method.report if r["name"] == "0" and "a_unsigned" in r)
     assert not stem["a_unsigned"]  # the image input is signed: symmetric grid
     assert model[0].act.grid.bounds()[0] < 0

@@ -9,7 +9,9 @@ from torch import nn
 from qaf.config import ConfigError
 from qaf.methods.base import CompressContext
 from qaf.methods.ptq import PTQ
+from qaf.calib import observing_activations, run_passes
 from qaf.quant.modules import QuantLayer, set_act_mode
+from qaf.quant.policy import LayerPolicy
 
 
 def net() -> nn.Module:
@@ -20,18 +22,19 @@ def net() -> nn.Module:
                          nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 5)).eval()
 
 
-def ctx() -> CompressContext:
-    return CompressContext(data=None, device=torch.device("cpu"))
+def ctx(policy: LayerPolicy | None = None) -> CompressContext:
+    return CompressContext(data=None, device=torch.device("cpu"), policy=policy or LayerPolicy())
 
 
-@pytest.mark.parametrize("keep_bits", [8, None])
+@pytest.mark.parametrize("treatment", ["keep", "bits", "float"])
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_first_conv_and_classifier_kept_at_keep_bits(keep_bits, per_channel) -> None:
+def test_policy_decides_stem_and_classifier_bits(treatment, per_channel) -> None:
     model = net()
-    report = PTQ(bits=3, act_bits=5, keep_bits=keep_bits, per_channel=per_channel).compress(model, ctx())
+    policy = LayerPolicy(name="t", stem=treatment, classifier=treatment, keep_bits=6)
+    report = PTQ(bits=3, act_bits=5, per_channel=per_channel).compress(model, ctx(policy))
     bits = {r["name"]: (r["w_bits"], r["a_bits"]) for r in report}
-    edge = (keep_bits, keep_bits) if keep_bits else (3, 5)
-    assert bits == {"0": edge, "3": (3, 5), "6": (3, 5), "10": (3, 5), "12": edge}
+    edge = {"keep": {"0": (6, 6), "12": (6, 6)}, "bits": {"0": (3, 5), "12": (3, 5)}, "float": {}}[treatment]
+    assert bits == {"3": (3, 5), "6": (3, 5), "10": (3, 5), **edge}
     assert all(isinstance(model[int(n)], QuantLayer) for n in bits)
     assert torch.unique(model[3].layer.weight).numel() <= 2**3 * (8 if per_channel else 1)
     assert model[1].qaf_bits == (8, 8)
@@ -53,30 +56,27 @@ def test_observe_then_quant_is_close_to_float_at_8_bits(clip) -> None:
 
 
 @pytest.mark.parametrize("options,key", [({"clip": "kl"}, "method.clip"), ({"act_clip": "max"}, "method.act_clip"),
-                                         ({"keep_bits": 1}, "method.keep_bits"), ({"p": -1.0}, "method.p"),
-                                         ({"per_channel": "yes"}, "method.per_channel")])
+                                         ({"p": -1.0}, "method.p"), ({"per_channel": "yes"}, "method.per_channel"),
+                                         ({"nosuch": 1}, "method.nosuch")])
 def test_bad_options_raise_config_error(options, key) -> None:
     with pytest.raises(ConfigError, match=key):
-        PTQ(**options).check(net())
+        PTQ(**options).check(net(), ctx())
 
 
-def test_embedded_resnet20_w8a8_close_to_fp32(shared_data) -> None:
+def test_embedded_resnet20_w8a8_close_to_fp32() -> None:
     from qaf.data.cifar10 import embedded
     from qaf.models.cifar_resnet import build
 
-    data = embedded(calib_samples=256, eval_samples=None, batch_size=256)  # all 846 images
+    data = embedded(calib_samples=256, eval_samples=2000, batch_size=250)
 
     def top1(model: nn.Module) -> float:
         with torch.no_grad():
-            hits = sum(int((model(x).argmax(1) == y).sum()) for x, y in data.eval_loader())
+            hits = sum(int((model(x).argmax(1) == y).sum()) for x, y, _ in data.eval_loader())
         return 100 * hits / len(data.eval)
 
     fp32 = top1(build(20))
     model = build(20)
     PTQ(bits=8, act_bits=8).compress(model, CompressContext(data=data, device=torch.device("cpu")))
-    set_act_mode(model, "observe")
-    with torch.no_grad():
-        for x, _ in data.calib_loader():
-            model(x)
-    set_act_mode(model, "quant")
+    with observing_activations(model):
+        run_passes(model, data.calib_loader())
     assert abs(top1(model) - fp32) <= 0.5

@@ -11,26 +11,64 @@ from torch.utils.data import Dataset, Subset
 from torchvision import datasets, transforms
 
 from qaf.config import ConfigError
-from qaf.data import (IMAGENET_MEAN, IMAGENET_STD, DataBundle, calib_indices, check_loader_options,
-                      eval_indices)
+from qaf.data import IMAGENET_MEAN, IMAGENET_STD, DataBundle, check_loader_options, eval_indices
 from qaf.models.checkpoint import resolve_path
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-# Official test images 0..845, lossless: the evaluation set.
-EVAL_FILE = ASSETS / "test_lossless.npz"
-# JPEG (q75) decodes of official test images 846..4941: calibration only, never evaluated on.
-CALIB_FILE = ASSETS / "calib_jpeg_q75.npz"
+# All 10,000 official test images, lossless, in the official test_batch order: evaluation only.
+TEST_FILE = ASSETS / "cifar10_test.npz"
+# 10,000 lossless training images (1,000 per class): the calibration / fine-tuning pool.
+TRAIN_FILE = ASSETS / "cifar10_train_10k.npz"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 INPUT_SIZE = (3, 32, 32)
+PAD = 4  # the training augmentation of the packaged ResNets: 4-pixel zero padding, random 32x32 crop
 
 
-def cifar_transform() -> transforms.Compose:
-    """ToTensor then Normalize with the statistics the packaged CIFAR ResNets were trained with."""
-    return transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+def cifar_transforms(tensor_input: bool) -> dict[str, transforms.Compose]:
+    """The ``train`` and ``eval`` transforms of the packaged CIFAR ResNets.
+
+    Parameters
+    ----------
+    tensor_input : bool
+        Images arrive as uint8 CHW tensors (embedded arrays) rather than PIL images.
+
+    Returns
+    -------
+    dict
+        ``eval``: to float in [0, 1], normalize. ``train``: random crop of the image zero-padded
+        by 4 pixels (padding in pixel space, before normalization) and a horizontal flip, then
+        the same.
+    """
+    to_float = transforms.ConvertImageDtype(torch.float32) if tensor_input else transforms.ToTensor()
+    tail = [to_float, transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    augment = [transforms.RandomCrop(32, padding=PAD, fill=0), transforms.RandomHorizontalFlip()]
+    return {"eval": transforms.Compose(tail), "train": transforms.Compose(augment + tail)}
 
 
 class ArrayImages(Dataset):
-    """Images held in memory, normalized once at construction.
+    """Images held in memory as uint8 CHW tensors: ``(image, label)`` before any transform.
+
+    Parameters
+    ----------
+    images : np.ndarray
+        uint8 ``(N, H, W, 3)`` RGB.
+    labels : np.ndarray
+        Integer labels ``(N,)``.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
+        self.labels = [int(v) for v in labels]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], self.labels[i]
+
+
+class NormalizedImages(Dataset):
+    """Evaluation images normalized once at construction (``eval`` transform, vectorised).
 
     Parameters
     ----------
@@ -39,11 +77,10 @@ class ArrayImages(Dataset):
     labels : np.ndarray
         Integer labels ``(N,)``.
     test_index : np.ndarray
-        Position of each image in the official CIFAR-10 test set (kept to prove disjointness).
+        Position of each image in the official CIFAR-10 test set.
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, test_index: np.ndarray):
-        # Same arithmetic as ToTensor + Normalize, done for the whole array at once.
         x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(255)
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -59,22 +96,25 @@ class ArrayImages(Dataset):
 
 
 def embedded(calib_samples: int = 2048, eval_samples: int | None = None, batch_size: int = 256,
-             num_workers: int = 0, seed: int = 0) -> DataBundle:
-    """The default data set: CIFAR-10 test images packaged with qaf (``data=cifar10_embedded``).
+             num_workers: int = 0, seed: int = 0, bn_transform: str = "train",
+             calib_transform: str = "eval") -> DataBundle:
+    """The default data set, packaged with qaf (``data=cifar10_embedded``).
 
-    Evaluation uses the 846 lossless test images; calibration uses JPEG copies of other test images
-    (official test index >= 846), so the two never overlap.
+    Evaluation on the full official CIFAR-10 test set (10,000 lossless images, official order);
+    calibration and fine-tuning on 10,000 lossless training images (1,000 per class).
 
     Parameters
     ----------
     calib_samples : int
-        Calibration images, drawn at random (by ``seed``) from the packaged pool.
+        Calibration images, the first of a seeded permutation of the training pool.
     eval_samples : int or None
-        Evaluation images (None: all 846).
+        Evaluation images (None: all 10,000; N: N images spread over the set).
     batch_size, num_workers : int
         DataLoader settings.
     seed : int
-        Seed of the calibration pick.
+        Seed of the calibration pick and of the training augmentation.
+    bn_transform, calib_transform : {"train", "eval"}
+        Transform of batch-norm re-estimation and of the other calibration passes.
 
     Returns
     -------
@@ -87,21 +127,18 @@ def embedded(calib_samples: int = 2048, eval_samples: int | None = None, batch_s
         For bad counts, e.g. more calibration images than packaged.
     """
     check_loader_options(calib_samples, eval_samples, batch_size, num_workers)
-    with np.load(EVAL_FILE) as ev, np.load(CALIB_FILE) as ca:
-        e_idx = eval_indices(len(ev["labels"]), eval_samples)
-        c_idx = calib_indices(len(ca["labels"]), calib_samples, seed)
-        eval_set = ArrayImages(ev["images"][e_idx], ev["labels"][e_idx], ev["test_index"][e_idx])
-        calib_set = ArrayImages(ca["images"][c_idx], ca["labels"][c_idx], ca["test_index"][c_idx])
-    overlap = np.intersect1d(eval_set.test_index, calib_set.test_index)
-    if overlap.size:  # a packaging error, not a user error: refuse rather than report inflated accuracy
-        raise RuntimeError(f"calibration and evaluation share test images {overlap[:5].tolist()}")
-    return DataBundle("cifar10_embedded", calib_set, eval_set, len(CLASSES), INPUT_SIZE,
-                      batch_size, num_workers)
+    with np.load(TEST_FILE) as test, np.load(TRAIN_FILE) as train:
+        idx = eval_indices(len(test["labels"]), eval_samples)
+        eval_set = NormalizedImages(test["images"][idx], test["labels"][idx], test["test_index"][idx])
+        pool = ArrayImages(train["images"], train["labels"])
+    return DataBundle("cifar10_embedded", pool, eval_set, cifar_transforms(tensor_input=True), len(CLASSES),
+                      INPUT_SIZE, calib_samples, seed, batch_size, num_workers, bn_transform, calib_transform)
 
 
 def torchvision_cifar10(root: str | os.PathLike | None = None, calib_samples: int = 2048,
                         eval_samples: int | None = None, batch_size: int = 256,
-                        num_workers: int = 4, seed: int = 0) -> DataBundle:
+                        num_workers: int = 4, seed: int = 0, bn_transform: str = "train",
+                        calib_transform: str = "eval") -> DataBundle:
     """torchvision's CIFAR10 on disk (``data=cifar10``): train split calibrates, test split evaluates.
 
     Parameters
@@ -116,7 +153,9 @@ def torchvision_cifar10(root: str | os.PathLike | None = None, calib_samples: in
     batch_size, num_workers : int
         DataLoader settings.
     seed : int
-        Seed of the calibration pick.
+        Seed of the calibration pick and of the training augmentation.
+    bn_transform, calib_transform : {"train", "eval"}
+        Transform of batch-norm re-estimation and of the other calibration passes.
 
     Returns
     -------
@@ -135,11 +174,12 @@ def torchvision_cifar10(root: str | os.PathLike | None = None, calib_samples: in
     path = resolve_path(root)
     if not path.is_dir():
         raise ConfigError(f"data.root={root}: no such folder ({path}); {layout}")
+    tfs = cifar_transforms(tensor_input=False)
     try:
-        train = datasets.CIFAR10(str(path), train=True, download=False, transform=cifar_transform())
-        test = datasets.CIFAR10(str(path), train=False, download=False, transform=cifar_transform())
+        train = datasets.CIFAR10(str(path), train=True, download=False)  # PIL images: the bundle transforms
+        test = datasets.CIFAR10(str(path), train=False, download=False, transform=tfs["eval"])
     except RuntimeError as err:  # torchvision's "Dataset not found or corrupted"
         raise ConfigError(f"data.root={root}: no complete CIFAR-10 there ({err}); {layout}") from err
-    calib_set = Subset(train, calib_indices(len(train), calib_samples, seed).tolist())
     eval_set = Subset(test, eval_indices(len(test), eval_samples).tolist())
-    return DataBundle("cifar10", calib_set, eval_set, len(CLASSES), INPUT_SIZE, batch_size, num_workers)
+    return DataBundle("cifar10", train, eval_set, tfs, len(CLASSES), INPUT_SIZE, calib_samples,
+                      seed, batch_size, num_workers, bn_transform, calib_transform)

@@ -10,8 +10,7 @@ from torch.utils.data import Subset
 from torchvision import datasets, transforms
 
 from qaf.config import ConfigError
-from qaf.data import (IMAGENET_MEAN, IMAGENET_STD, DataBundle, calib_indices, check_loader_options,
-                      eval_indices)
+from qaf.data import IMAGENET_MEAN, IMAGENET_STD, DataBundle, check_loader_options, eval_indices
 from qaf.models.checkpoint import resolve_path
 
 # One line per class, "<wnid> <words>", in the canonical (torchvision / Caffe) order: line i is class i.
@@ -38,14 +37,20 @@ def wnid_to_index() -> dict[str, int]:
     return {wnid: i for i, (wnid, _) in enumerate(class_names())}
 
 
-def eval_transform() -> transforms.Compose:
-    """The standard ImageNet evaluation transform: Resize 256, CenterCrop 224, normalize."""
-    return transforms.Compose([
-        transforms.Resize(256),
-        transforms.CenterCrop(224),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+def imagenet_transforms() -> dict[str, transforms.Compose]:
+    """The standard ImageNet transforms.
+
+    Returns
+    -------
+    dict
+        ``eval``: Resize 256, CenterCrop 224, normalize. ``train``: RandomResizedCrop 224 and a
+        horizontal flip, normalize (what torchvision's models were trained with).
+    """
+    tail = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return {
+        "eval": transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), *tail]),
+        "train": transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(), *tail]),
+    }
 
 
 class WnidFolder(datasets.ImageFolder):
@@ -58,11 +63,11 @@ class WnidFolder(datasets.ImageFolder):
     ----------
     root : str
         A split folder with one sub-folder per WNID.
-    transform : callable
-        Applied to each PIL image.
+    transform : callable or None
+        Applied to each PIL image (None: PIL images are returned).
     """
 
-    def __init__(self, root: str, transform: transforms.Compose):
+    def __init__(self, root: str, transform: transforms.Compose | None):
         super().__init__(root, transform=transform, allow_empty=True)
 
     def find_classes(self, directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
@@ -80,7 +85,8 @@ class WnidFolder(datasets.ImageFolder):
 
 def folders(root: str | os.PathLike | None = None, calib_samples: int = 2048,
             eval_samples: int | None = None, batch_size: int = 64, num_workers: int = 4,
-            seed: int = 0, calib_split: str = "train") -> DataBundle:
+            seed: int = 0, calib_split: str = "train", bn_transform: str = "train",
+            calib_transform: str = "eval") -> DataBundle:
     """ImageNet from ``root/train/<wnid>/*`` and ``root/val/<wnid>/*`` (``data=imagenet``).
 
     Parameters
@@ -95,16 +101,17 @@ def folders(root: str | os.PathLike | None = None, calib_samples: int = 2048,
     batch_size, num_workers : int
         DataLoader settings.
     seed : int
-        Seed of the calibration pick.
+        Seed of the calibration pick and of the training augmentation.
     calib_split : str
         ``"train"``, or ``"val"`` to calibrate on validation images (they then overlap the
         evaluation images: only for a knowingly optimistic setup or a val-only copy).
+    bn_transform, calib_transform : {"train", "eval"}
+        Transform of batch-norm re-estimation and of the other calibration passes.
 
     Returns
     -------
     DataBundle
-        ``name="imagenet"``, 1000 classes, input ``(3, 224, 224)``; both splits use the eval
-        transform.
+        ``name="imagenet"``, 1000 classes, input ``(3, 224, 224)``.
 
     Raises
     ------
@@ -123,14 +130,12 @@ def folders(root: str | os.PathLike | None = None, calib_samples: int = 2048,
         if not (path / split).is_dir():
             hint = " (or set data.calib_split=val to calibrate on val/)" if split == "train" else ""
             raise ConfigError(f"data.root={root}: {path / split} is missing; {layout}{hint}")
-    splits = {split: WnidFolder(str(path / split), eval_transform())
-              for split in dict.fromkeys(("val", calib_split))}
-    for split, dataset in splits.items():
+    tfs = imagenet_transforms()
+    evaluation = WnidFolder(str(path / "val"), tfs["eval"])
+    pool = WnidFolder(str(path / calib_split), None)  # PIL images: the bundle applies its transforms
+    for split, dataset in (("val", evaluation), (calib_split, pool)):
         if not len(dataset):
             raise ConfigError(f"data.root={root}: no images under {path / split}; {layout}")
-    calib = splits[calib_split]
-    evaluation = splits["val"]
-    calib_set = Subset(calib, calib_indices(len(calib), calib_samples, seed).tolist())
     eval_set = Subset(evaluation, eval_indices(len(evaluation), eval_samples).tolist())
-    return DataBundle("imagenet", calib_set, eval_set, len(class_names()), INPUT_SIZE,
-                      batch_size, num_workers)
+    return DataBundle("imagenet", pool, eval_set, tfs, len(class_names()), INPUT_SIZE, calib_samples, seed,
+                      batch_size, num_workers, bn_transform, calib_transform, calib_split)

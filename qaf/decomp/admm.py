@@ -33,6 +33,10 @@ from torch import Tensor
 
 from qaf.decomp.cp import MttkrpPlan, fit_error, hadamard_except, relative_error, spd_inverse
 
+#: Version of the numerics of AO-ADMM: part of every cache key of their results. Bump it with
+#: any change that can change a result (tests/test_cache.py fails until the bump is recorded).
+VERSION = 2
+
 __all__ = ["ADMMResult", "GridFactory", "Projector", "admm_factor_update", "cp_admm"]
 
 Projector = Callable[[Tensor], Tensor]

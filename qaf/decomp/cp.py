@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+#: Version of the numerics of ALS and the SVD/random inits: part of every cache key of their results. Bump it with
+#: any change that can change a result (tests/test_cache.py fails until the bump is recorded).
+VERSION = 2
+
 __all__ = [
     "CPResult",
     "MttkrpPlan",

@@ -27,6 +27,10 @@ from torch import Tensor
 
 from qaf.decomp.cp import MttkrpPlan, hadamard_except, relative_error, small_linalg_threads
 
+#: Version of the numerics of EPC: part of every cache key of their results. Bump it with
+#: any change that can change a result (tests/test_cache.py fails until the bump is recorded).
+VERSION = 2
+
 __all__ = ["EPCResult", "cp_epc", "solve_secular"]
 
 

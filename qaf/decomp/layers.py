@@ -26,6 +26,8 @@ class CPConv2d(nn.Module):
         ``[A (Cout, R), B (Cin, R), C (kh*kw, R)]``.
     """
 
+    qaf_factorized = True  # BOPs: counted per layer, not by the unfactorized-baseline convention
+
     def __init__(self, conv: nn.Conv2d, factors: list[Tensor]):
         super().__init__()
         if conv.groups != 1:
@@ -64,6 +66,8 @@ class CPLinear(nn.Module):
     factors : list of Tensor
         ``[A (Cout, R), B (Cin, R)]``.
     """
+
+    qaf_factorized = True
 
     def __init__(self, layer: nn.Linear | nn.Conv2d, factors: list[Tensor]):
         super().__init__()

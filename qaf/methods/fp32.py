@@ -11,8 +11,6 @@ class FP32(Method):
     """Leave the model in float (BOPs counted at 32x32 bits)."""
 
     name = "fp32"
-    bn_calibration = False
-    observe_activations = False
 
     def compress(self, model: nn.Module, ctx: CompressContext) -> list[dict]:
         return []

@@ -1,15 +1,22 @@
-"""``method=lapq``: Loss Aware Post-training Quantization (Nahshan et al.), our implementation.
+"""``method=lapq``: Loss Aware Post-training Quantization (Nahshan et al.), as its reference code.
 
-Steps (as LAPQ's reference ``lapq_v2.py`` does them, see docs/baselines.md for where we differ):
+Steps (as LAPQ's ``lapq_v2.py`` does them; docs/baselines.md lists the slots and where we differ):
 
-1. Per-tensor weight quantizers (zero-free grid by default, mean bias correction re-applied at every
-   evaluation) on the convs ``[skip_first : len - skip_last]`` in ``named_modules`` order; the
-   classifier stays in float unless ``quantize_linear``.  Activation quantizers (unsigned for
-   post-ReLU data) sit on the *inputs* of the quantized layers; layers that read the very same
-   tensor (a block's first conv and its downsample conv) share one quantizer.  This handles
-   torchvision ResNets, which reuse one ReLU module per block, and CIFAR ResNets alike.
+1. Per-tensor weight clips on every conv/linear the layer policy quantizes (reference policy
+   ``conf/policy/lapq.yaml``: convs ``[1:-1]`` in module order, classifier in float), zero-free
+   grid by default, mean bias correction re-applied at every evaluation.  Activation clips
+   (``placement``):
+
+   - ``relu`` (reference): unsigned quantizers on the outputs of the ReLU modules ``[1:-1]`` in
+     module order (the first joins when the stem is quantized), so the quantized ReLU output also
+     feeds the identity shortcuts, as the reference's custom ResNet; torchvision blocks that reuse
+     one ReLU module are first split into ``relu1``/``relu2`` (as that custom ResNet has). A
+     quantized stem or classifier gets its own input quantizer.
+   - ``input``: quantizers on the inputs of the quantized layers; layers that read the very same
+     tensor (a block's first conv and its downsample conv) share one.
+
 2. Calibration loss = mean cross-entropy of the quantized model on ``calib_samples`` calibration
-   images (never evaluation images).
+   images (evaluation transform; never evaluation images).
 3. p-sweep: for ``p`` in ``linspace(p_min, p_max, p_count)`` every clip is set to its Lp-optimal
    value and the loss recorded; a quadratic fit gives ``p*`` (guarded: a non-convex fit or ``p*``
    outside the sweep falls back to the best swept ``p``).
@@ -19,9 +26,9 @@ Steps (as LAPQ's reference ``lapq_v2.py`` does them, see docs/baselines.md for w
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -30,24 +37,26 @@ import torch.nn.functional as F
 from scipy.optimize import minimize
 from torch import Tensor, nn
 
-from qaf.config import ConfigError
+from qaf.config import ConfigError, check_bool, check_choice, check_int, check_number
 from qaf.methods.base import CompressContext, Method
-from qaf.quant.modules import ActQuantizer, QuantLayer, mark_batchnorm, set_submodule
+from qaf.models.torchvision_models import split_shared_relus
+from qaf.quant.modules import ActQuantizer, QuantLayer, QuantReLU, mark_batchnorm, set_input_bits, set_submodule
+from qaf.quant.policy import LayerPolicy, layer_plan, layer_roles
 from qaf.quant.uniform import make_grid, symmetric_grid, unsigned_grid
 
-log = logging.getLogger(__name__)
-
 WEIGHT_GRIDS = ("zero_free", "symmetric")
+PLACEMENTS = ("relu", "input")
 #: Log a progress line every this many loss evaluations (Powell runs hundreds).
 LOG_EVERY = 25
 
 
 @dataclass
 class _ActSlot:
-    """One activation clip: a quantizer, the layers reading its tensor, and its grid kind."""
+    """One activation clip: its quantizer, the modules it acts for (owners), bits and grid kind."""
 
     quantizer: ActQuantizer
-    layers: list[str]
+    owners: list[str]
+    bits: int
     unsigned: bool
 
 
@@ -58,6 +67,8 @@ class LAPQ(Method):
     ----------
     bits, act_bits, rate
         From the top-level config (``rate`` is unused).
+    placement : {"relu", "input"}
+        Where activation quantizers sit (see the module docstring).
     calib_samples : int
         Calibration images used for the loss (the first ones of the calibration set).
     p_min, p_max : float
@@ -69,11 +80,7 @@ class LAPQ(Method):
     bias_correction : bool
         Mean-only per-output-channel weight correction.
     weight_grid : {"zero_free", "symmetric"}
-        LAPQ's zero-free 2^b-level grid, or the symmetric 2^b-1-level grid with zero.
-    skip_first, skip_last : int
-        Convs (in ``named_modules`` order) left in float at the start and the end.
-    quantize_linear : bool
-        Also quantize Linear layers (default: the classifier stays in float, as in the reference).
+        LAPQ's zero-free 2^b-level grid, or the symmetric 2^b-level grid with zero.
     batch_size : int
         Batch size of the loss evaluation.
     reuse_blocks : bool
@@ -82,66 +89,42 @@ class LAPQ(Method):
     """
 
     name = "lapq"
-    bn_calibration = False
-    observe_activations = False
 
-    def __init__(self, bits: int = 4, act_bits: int = 4, rate: float = 2.0, *, calib_samples: int = 512,
-                 p_min: float = 2.0, p_max: float = 4.0, p_count: int = 10, maxiter: int = 2,
-                 bias_correction: bool = True, weight_grid: str = "zero_free", skip_first: int = 1,
-                 skip_last: int = 1, quantize_linear: bool = False, batch_size: int = 256,
-                 reuse_blocks: bool = True, **options):
+    def __init__(self, bits: int = 4, act_bits: int = 4, rate: float = 2.0, *, placement: str = "relu",
+                 calib_samples: int = 512, p_min: float = 2.0, p_max: float = 4.0, p_count: int = 10,
+                 maxiter: int = 2, bias_correction: bool = True, weight_grid: str = "zero_free",
+                 batch_size: int = 256, reuse_blocks: bool = True, **options):
         super().__init__(bits=bits, act_bits=act_bits, rate=rate, **options)
+        self.placement = placement
         self.calib_samples, self.maxiter, self.batch_size = calib_samples, maxiter, batch_size
         self.p_min, self.p_max, self.p_count = p_min, p_max, p_count
         self.bias_correction, self.weight_grid = bias_correction, weight_grid
-        self.skip_first, self.skip_last, self.quantize_linear = skip_first, skip_last, quantize_linear
         self.reuse_blocks = reuse_blocks
-        self.summary: dict = {}
 
     # ------------------------------------------------------------------ checks
-    def check(self, model: nn.Module, data=None) -> None:
-        """Validate options (and the calibration set size when ``data`` is given)."""
-        ints = {"method.calib_samples": (self.calib_samples, 1), "method.p_count": (self.p_count, 3),
-                "method.maxiter": (self.maxiter, 0), "method.skip_first": (self.skip_first, 0),
-                "method.skip_last": (self.skip_last, 0), "method.batch_size": (self.batch_size, 1)}
-        for key, (value, low) in ints.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ConfigError(f"{key}={value!r} is invalid: accepted an integer >= {low}")
-        if not (isinstance(self.p_min, (int, float)) and isinstance(self.p_max, (int, float))
-                and 0 < self.p_min < self.p_max):
-            raise ConfigError(f"method.p_min={self.p_min!r}, method.p_max={self.p_max!r} are invalid: "
-                              "accepted 0 < p_min < p_max")
-        if self.weight_grid not in WEIGHT_GRIDS:
-            raise ConfigError(f"method.weight_grid={self.weight_grid!r} is invalid: "
-                              f"accepted {', '.join(WEIGHT_GRIDS)}")
-        for key in ("bias_correction", "quantize_linear", "reuse_blocks"):
-            if not isinstance(getattr(self, key), bool):
-                raise ConfigError(f"method.{key}={getattr(self, key)!r} is invalid: accepted true, false")
-        if not self._targets(model):
-            raise ConfigError(f"method.skip_first={self.skip_first}, method.skip_last={self.skip_last} "
-                              "leave no layer to quantize: accepted values that keep at least one conv")
-        if data is not None and len(data.calib) < self.calib_samples:
+    def check(self, model: nn.Module, ctx: CompressContext) -> None:
+        """Validate options against the model, the policy and the calibration set."""
+        for key, low in (("calib_samples", 1), ("p_count", 3), ("maxiter", 0), ("batch_size", 1)):
+            check_int(f"method.{key}", getattr(self, key), low)
+        check_number("method.p_min", self.p_min, 0, low_open=True)
+        check_number("method.p_max", self.p_max, self.p_min, low_open=True)
+        check_choice("method.weight_grid", self.weight_grid, WEIGHT_GRIDS)
+        check_choice("method.placement", self.placement, PLACEMENTS)
+        for key in ("bias_correction", "reuse_blocks"):
+            check_bool(f"method.{key}", getattr(self, key))
+        if not any(layer_plan(model, ctx.policy, self.bits, self.act_bits).values()):
+            raise ConfigError(f"policy={ctx.policy.name} leaves no layer for method=lapq to quantize")
+        if self.calib_samples > ctx.data.calib_samples:
             raise ConfigError(f"method.calib_samples={self.calib_samples} is too large: the calibration set "
-                              f"has {len(data.calib)} images (raise data.calib_samples or lower this)")
-
-    def _targets(self, model: nn.Module) -> list[str]:
-        convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-        chosen = convs[self.skip_first: len(convs) - self.skip_last]
-        if self.quantize_linear:
-            chosen += [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        return chosen
+                              f"has {ctx.data.calib_samples} images (raise data.calib_samples or lower this)")
 
     # ------------------------------------------------------------------ main
     def compress(self, model: nn.Module, ctx: CompressContext) -> list[dict]:
         """Quantize ``model`` in place with LAPQ; fills ``self.summary``."""
-        self.check(model, ctx.data)
         start = time.perf_counter()
         model.to(ctx.device).eval()
         batches = calibration_batches(ctx.data, self.calib_samples, self.batch_size, ctx.device)
-        targets = self._targets(model)
-        slots = self._insert_quantizers(model, targets, batches[0][0])
-        layers = {name: model.get_submodule(name) for name in targets}
-        mark_batchnorm(model)
+        layers, slots = self.insert_quantizers(model, ctx.policy, batches[0][0])
 
         # Activation statistics of the float model (quantizers observe; weights still float).
         for slot in slots:
@@ -158,7 +141,7 @@ class LAPQ(Method):
 
         evals = {"n": 0}
         best = {"loss": float("inf"), "x": None}
-        owners = [[name] for name in layers] + [slot.layers for slot in slots]
+        owners = [[name] for name in layers] + [slot.owners for slot in slots]
         memo = BlockMemo(model, owners, batches[0][0]) if self.reuse_blocks else None
 
         def loss_at(alphas: np.ndarray) -> float:
@@ -168,35 +151,35 @@ class LAPQ(Method):
             if loss < best["loss"]:
                 best["loss"], best["x"] = loss, np.array(alphas, dtype=np.float64)
             if evals["n"] % LOG_EVERY == 0:
-                self._log(ctx, f"lapq evaluation {evals['n']}: loss={loss:.4f} best={best['loss']:.4f}")
+                ctx.log("lapq evaluation %d: loss=%.4f best=%.4f", evals["n"], loss, best["loss"])
             return loss
 
         try:
             alpha_max = lp_clips(None)
             loss_max = loss_at(alpha_max)
-            self._log(ctx, f"lapq: {len(layers)} weight clips + {len(slots)} activation clips; "
-                           f"max-abs clips loss={loss_max:.4f}")
+            ctx.log("lapq: %d weight clips + %d activation clips (%s placement); max-abs clips loss=%.4f",
+                    len(layers), len(slots), self.placement, loss_max)
 
             ps = np.linspace(self.p_min, self.p_max, self.p_count)
             sweep = []
             for i, p in enumerate(ps):
                 sweep.append(loss_at(lp_clips(float(p))))
-                self._log(ctx, f"lapq p-sweep {i + 1}/{len(ps)}: p={p:.3f} loss={sweep[-1]:.4f}")
+                ctx.log("lapq p-sweep %d/%d: p=%.3f loss=%.4f", i + 1, len(ps), p, sweep[-1])
             p_star, fit, fallback = fit_p_star(ps, np.array(sweep))
             if fallback:
-                self._log(ctx, f"lapq: quadratic fit unusable ({fallback}); p*={p_star:.3f} (best swept p)")
+                ctx.log("lapq: quadratic fit unusable (%s); p*=%.3f (best swept p)", fallback, p_star)
             alpha0 = lp_clips(p_star)
             best["loss"], best["x"] = float("inf"), None  # Powell's start is alpha(p*): best-so-far starts here
             loss0 = loss_at(alpha0)
-            self._log(ctx, f"lapq: p*={p_star:.3f} loss={loss0:.4f}; Powell maxiter={self.maxiter} "
-                           f"over {alpha0.size} clips")
+            ctx.log("lapq: p*=%.3f loss=%.4f; Powell maxiter=%d over %d clips", p_star, loss0, self.maxiter,
+                    alpha0.size)
 
             iteration = {"k": 0}
 
             def progress(_xk: np.ndarray) -> None:
                 iteration["k"] += 1
-                self._log(ctx, f"lapq Powell iteration {iteration['k']}: best loss={best['loss']:.4f} "
-                               f"({evals['n']} loss evaluations)")
+                ctx.log("lapq Powell iteration %d: best loss=%.4f (%d loss evaluations)", iteration["k"],
+                        best["loss"], evals["n"])
 
             iterations = 0
             if self.maxiter > 0:  # maxiter=0: LAPQ's initialisation alpha(p*) only (ablation)
@@ -211,8 +194,7 @@ class LAPQ(Method):
         for slot in slots:
             slot.quantizer.mode = "quant"
         elapsed = time.perf_counter() - start
-        self._log(ctx, f"lapq: final loss={loss_final:.4f} (start {loss0:.4f}), {evals['n']} evaluations, "
-                       f"{elapsed:.1f}s")
+        ctx.log("lapq: final loss=%.4f (start %.4f), %d evaluations, %.1fs", loss_final, loss0, evals["n"], elapsed)
 
         n_w = len(layers)
         self.summary = {
@@ -221,52 +203,107 @@ class LAPQ(Method):
             "loss_maxabs": loss_max, "loss_p_star": loss0, "loss_final": loss_final,
             "powell_iterations": iterations, "loss_evaluations": evals["n"],
             "calib_samples": sum(len(y) for _, y in batches), "n_clips": int(alpha0.size),
-            "seconds": elapsed, "weight_grid": self.weight_grid, "bias_correction": self.bias_correction,
+            "weight_clips": list(layers), "activation_clips": [s.owners[0] for s in slots],
+            "placement": self.placement, "seconds": elapsed, "weight_grid": self.weight_grid,
+            "bias_correction": self.bias_correction,
             "float_layers": [n for n, m in model.named_modules()
                              if isinstance(m, (nn.Conv2d, nn.Linear)) and not hasattr(m, "qaf_bits")],
         }
-        report = []
-        for i, name in enumerate(layers):
-            slot = next(s for s in slots if name in s.layers)
-            j = n_w + slots.index(slot)
-            report.append({
-                "name": name, "w_bits": self.bits, "a_bits": self.act_bits, "clip": "lapq",
-                "shape": list(layers[name].weight_fp.shape), "p_star": float(p_star),
-                "w_alpha_max": float(alpha_max[i]), "w_alpha_p_star": float(alpha0[i]), "w_alpha": float(final[i]),
-                "a_alpha_max": float(alpha_max[j]), "a_alpha_p_star": float(alpha0[j]), "a_alpha": float(final[j]),
-                "a_unsigned": slot.unsigned, "a_shared_with": [n for n in slot.layers if n != name],
-            })
+        report = [{"name": name, "w_bits": layer.w_bits, "a_bits": layer.layer.qaf_bits[1], "clip": "lapq",
+                   "shape": list(layer.weight_fp.shape), "w_alpha_max": float(alpha_max[i]),
+                   "w_alpha_p_star": float(alpha0[i]), "w_alpha": float(final[i])}
+                  for i, (name, layer) in enumerate(layers.items())]
+        report += [{"name": slot.owners[0], "a_bits": slot.bits, "clip": "lapq", "a_unsigned": slot.unsigned,
+                    "a_alpha_max": float(alpha_max[n_w + j]), "a_alpha_p_star": float(alpha0[n_w + j]),
+                    "a_alpha": float(final[n_w + j]), "a_shared_by": slot.owners[1:]}
+                   for j, slot in enumerate(slots)]
         return report
 
-    # ------------------------------------------------------------------ helpers
-    def _insert_quantizers(self, model: nn.Module, targets: list[str], x: Tensor) -> list[_ActSlot]:
-        """Wrap the target layers; one activation quantizer per distinct input tensor."""
+    # ------------------------------------------------------------------ placement
+    def insert_quantizers(self, model: nn.Module, policy: LayerPolicy,
+                          x: Tensor) -> tuple[dict[str, QuantLayer], list[_ActSlot]]:
+        """Wrap the policy's layers (weight clips) and insert the activation quantizers (clips).
+
+        Parameters
+        ----------
+        model : nn.Module
+            The float model (modified in place).
+        policy : LayerPolicy
+            Which layers are quantized.
+        x : Tensor
+            A sample batch (the placement traces one forward pass).
+
+        Returns
+        -------
+        tuple
+            The quantized layers by name (one weight clip each) and the activation slots.
+        """
+        plan = layer_plan(model, policy, self.bits, self.act_bits)
+        if self.placement == "relu":
+            roles = layer_roles(model)
+            split_shared_relus(model)
+            slots = self._relu_slots(model, plan, roles, x)
+        else:
+            slots = self._input_slots(model, plan, x)
+        layers = {name: model.get_submodule(name) for name, bits in plan.items() if bits is not None}
+        set_input_bits(model, x[:1])
+        mark_batchnorm(model)
+        return layers, slots
+
+    def _new_slot(self, owners: list[str], bits: int, unsigned: bool, device: torch.device) -> _ActSlot:
+        quantizer = ActQuantizer(bits, clip="lp", symmetric=True, unsigned=unsigned).to(device)
+        return _ActSlot(quantizer, owners, bits, unsigned)
+
+    def _input_slots(self, model: nn.Module, plan: dict, x: Tensor) -> list[_ActSlot]:
+        """Wrap the quantized layers; one input quantizer per distinct input tensor and bit width."""
+        targets = [name for name, bits in plan.items() if bits is not None]
         inputs: dict[str, Tensor] = {}
         trace_inputs(model, targets, x, lambda n, args: inputs.__setitem__(n, args[0]))
         slots: list[_ActSlot] = []
         for name in targets:
+            w_bits, a_bits = plan[name]
             tensor = inputs[name]
-            slot = next((s for s in slots if inputs[s.layers[0]] is tensor), None)
+            slot = next((s for s in slots if inputs[s.owners[0]] is tensor and s.bits == a_bits), None)
             if slot is None:
-                unsigned = bool(tensor.min() >= 0)
-                slot = _ActSlot(ActQuantizer(self.act_bits, clip="lp", symmetric=True, unsigned=unsigned,
-                                             per_batch=1 << 16).to(tensor.device), [], unsigned)
+                slot = self._new_slot([], a_bits, bool(tensor.min() >= 0), tensor.device)
                 slots.append(slot)
-            slot.layers.append(name)
-            module = model.get_submodule(name)
-            set_submodule(model, name, QuantLayer(module, self.bits, self.act_bits, weight_quantized=True,
+            slot.owners.append(name)
+            set_submodule(model, name, QuantLayer(model.get_submodule(name), w_bits, a_bits, fit_weight=False,
                                                   act=slot.quantizer))
         return slots
 
+    def _relu_slots(self, model: nn.Module, plan: dict, roles: dict[str, str], x: Tensor) -> list[_ActSlot]:
+        """Quantizers on ReLU outputs ``[first:-1]``, plus input quantizers of a quantized stem/classifier."""
+        relus = [n for n, m in model.named_modules() if isinstance(m, nn.ReLU)]
+        edges = {role: name for name, role in roles.items() if role in ("stem", "classifier")}
+        first = 0 if plan.get(edges.get("stem", "")) else 1
+        slots = []
+        for name in relus[first:-1]:
+            slot = self._new_slot([name], self.act_bits, True, x.device)
+            set_submodule(model, name, QuantReLU(model.get_submodule(name), slot.quantizer))
+            slots.append(slot)
+        inputs: dict[str, Tensor] = {}
+        trace_inputs(model, list(edges.values()), x, lambda n, args: inputs.__setitem__(n, args[0]))
+        for name, bits in plan.items():
+            if bits is None:
+                continue
+            act: nn.Module = nn.Identity()
+            if name in edges.values():
+                slot = self._new_slot([name], bits[1], bool(inputs[name].min() >= 0), x.device)
+                slots.append(slot)
+                act = slot.quantizer
+            set_submodule(model, name, QuantLayer(model.get_submodule(name), *bits, fit_weight=False, act=act))
+        return slots
+
+    # ------------------------------------------------------------------ clips
     def _clips(self, layers: dict[str, QuantLayer], slots: list[_ActSlot], samples: list[Tensor],
                p: float | None) -> np.ndarray:
         """Lp-optimal clips (``p=None``: max-abs) of all weights, then all activations."""
         clip = "minmax" if p is None else "lp"
         p = 2.0 if p is None else p
         zero_free = self.weight_grid == "zero_free"
-        out = [make_grid(q.weight_fp, self.bits, clip=clip, p=p, zero_free=zero_free).alpha
-               for q in layers.values()]
-        out += [make_grid(s, self.act_bits, clip=clip, p=p, unsigned=slot.unsigned).alpha
+        out = [make_grid(q.weight_fp, q.w_bits, clip=clip, p=p, zero_free=zero_free).alpha for q in layers.values()]
+        out += [make_grid(s, slot.bits, clip=clip, p=p, unsigned=slot.unsigned).alpha
                 for s, slot in zip(samples, slots)]
         return np.array([float(a) for a in out], dtype=np.float64)
 
@@ -275,21 +312,12 @@ class LAPQ(Method):
         zero_free = self.weight_grid == "zero_free"
         for alpha, layer in zip(alphas, layers.values()):
             a = torch.tensor(float(alpha), device=layer.weight_fp.device)
-            layer.set_weight_grid(symmetric_grid(a, self.bits, zero_free), bias_correction=self.bias_correction)
+            layer.set_weight_grid(symmetric_grid(a, layer.w_bits, zero_free), bias_correction=self.bias_correction)
         for alpha, slot in zip(alphas[len(layers):], slots):
             a = torch.tensor(float(alpha), device=slot.quantizer.running_max.device)
-            grid = unsigned_grid(a, self.act_bits) if slot.unsigned else symmetric_grid(a, self.act_bits)
+            grid = unsigned_grid(a, slot.bits) if slot.unsigned else symmetric_grid(a, slot.bits)
             slot.quantizer.set_grid(grid)
             slot.quantizer.mode = "quant"
-
-    @staticmethod
-    def _log(ctx: CompressContext, message: str) -> None:
-        if not ctx.progress:
-            return
-        if logging.getLogger().hasHandlers():
-            log.info(message)
-        else:  # no logging configured (plain script): still show progress
-            print(message, flush=True)
 
 
 def trace_inputs(model: nn.Module, names: list[str], x: Tensor,
@@ -311,7 +339,8 @@ def calibration_batches(data, samples: int, batch_size: int, device: torch.devic
     Parameters
     ----------
     data : DataBundle
-        Source of the calibration set (``data.calib``; evaluation images are never touched).
+        Source of the calibration set (``data.calib()``, its calibration transform; evaluation
+        images are never touched).
     samples, batch_size : int
         How many images, and how many per batch.
     device : torch.device
@@ -322,8 +351,9 @@ def calibration_batches(data, samples: int, batch_size: int, device: torch.devic
     list of (Tensor, Tensor)
         Image and label batches.
     """
-    count = min(samples, len(data.calib))
-    items = [data.calib[i] for i in range(count)]
+    calib = data.calib(samples=samples)
+    count = len(calib)
+    items = [calib[i] for i in range(count)]
     images = torch.stack([torch.as_tensor(x) for x, _ in items]).to(device)
     labels = torch.tensor([int(y) for _, y in items], device=device)
     return [(images[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, count, batch_size)]
@@ -451,3 +481,36 @@ def fit_p_star(ps: np.ndarray, losses: np.ndarray) -> tuple[float, np.ndarray, s
     if not ps.min() <= p_star <= ps.max():
         return best, fit, f"p*={p_star:.3f} outside [{ps.min():g}, {ps.max():g}]"
     return p_star, fit, ""
+
+
+def print_slots(argv: list[str] | None = None) -> None:
+    """``python -m qaf.methods.lapq [resnet18|resnet20] [--placement relu|input] [--policy lapq|uniform]``:
+    print the weight and activation clips LAPQ searches on that model (docs/baselines.md)."""
+    import argparse
+
+    from omegaconf import OmegaConf
+
+    from qaf.models.cifar_resnet import build as cifar_build
+    from qaf.models.torchvision_models import build as tv_build
+
+    parser = argparse.ArgumentParser(prog="python -m qaf.methods.lapq", description=print_slots.__doc__)
+    parser.add_argument("model", nargs="?", default="resnet18", choices=["resnet18", "resnet20"])
+    parser.add_argument("--placement", default="relu", choices=PLACEMENTS)
+    parser.add_argument("--policy", default="lapq", help="a file name in conf/policy/ (default lapq)")
+    args = parser.parse_args(argv)
+    conf = Path(__file__).resolve().parents[2] / "conf" / "policy" / f"{args.policy}.yaml"
+    policy = LayerPolicy.from_config(OmegaConf.to_container(OmegaConf.load(conf)))
+    if args.model == "resnet18":
+        model, size = tv_build("resnet18", pretrained=False), 224
+    else:
+        model, size = cifar_build(20), 32
+    method = LAPQ(bits=4, act_bits=4, placement=args.placement)
+    layers, slots = method.insert_quantizers(model, policy, torch.randn(2, 3, size, size))
+    print(f"{args.model}, policy={policy.name}, placement={args.placement}: {len(layers)} weight clips, "
+          f"{len(slots)} activation clips ({len(layers) + len(slots)} Powell variables)")
+    print("weight clips:", ", ".join(layers))
+    print("activation clips:", ", ".join(f"{s.owners[0]}{' (signed)' if not s.unsigned else ''}" for s in slots))
+
+
+if __name__ == "__main__":
+    print_slots()

@@ -6,6 +6,8 @@ layers, wrappers and shared modules are counted as they really run:
 - ``Conv2d``: H_out * W_out * C_out * (C_in / groups) * k_h * k_w
 - ``Linear``: out_features * in_features (per sample)
 - ``BatchNorm2d``: 2 * C * H * W (a scale and a shift per element)
+- a module with a ``macs(output)`` method (e.g. QSWD layers, which run a dense conv on a
+  generated weight): what it says
 - ReLU, pooling and everything else: 0
 
 BOPs = sum over layers of MACs * weight bits * input-activation bits, with the bits read from
@@ -39,6 +41,8 @@ class LayerCost:
 
 
 def _macs(module: nn.Module, output: torch.Tensor) -> int:
+    if callable(getattr(module, "macs", None)):  # a layer that computes a conv/linear its own way
+        return int(module.macs(output))
     per_sample = output[0].numel()
     if isinstance(module, nn.Conv2d):
         kh, kw = module.kernel_size
@@ -71,7 +75,8 @@ def layer_costs(model: nn.Module, input_size: tuple[int, ...]) -> list[LayerCost
         w_bits, a_bits = getattr(module, "qaf_bits", FLOAT_BITS)
         costs.append(LayerCost(names[module], type(module).__name__, _macs(module, output), w_bits, a_bits))
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _COUNTED)]
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, _COUNTED) or callable(getattr(m, "macs", None))]
     was_training = model.training
     try:
         param = next(model.parameters(), None)
@@ -100,26 +105,31 @@ def bops_pct(bops: int, fp32_macs: int) -> float:
     return 100.0 * bops / (fp32_macs * FLOAT_BITS[0] * FLOAT_BITS[1])
 
 
-def storage_bits(model: nn.Module) -> int:
-    """Bits needed to store the weights of the model as evaluated.
+def paper_bops_pct(model: nn.Module, costs: list[LayerCost], fp32_macs: int, bits: int, act_bits: int) -> float:
+    """%BOPs under the QAF paper's convention.
 
-    Weights of conv and linear layers count at their weight bit width (``qaf_bits``); biases and
-    batch-norm parameters and statistics at the layer's weight bits too when it carries
-    ``qaf_bits`` on a BN layer, else 32. Parameters of other modules count at 32 bits.
+    The paper plots unfactorized baselines (PTQ, LAPQ, AdaRound, ...) at ``w * a / 1024`` of the
+    float model's BOPs, and factorized models by the per-layer count (as :func:`bops_pct`).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model as evaluated.
+    costs : list of LayerCost
+        Its per-layer costs (:func:`layer_costs`).
+    fp32_macs : int
+        MACs of the float model.
+    bits, act_bits : int
+        The run's weight and activation bit widths.
+
+    Returns
+    -------
+    float
+        100 for an unquantized model; ``100 * bits * act_bits / 1024`` when no layer is
+        factorized; else the per-layer %BOPs.
     """
-    total = 0
-    counted: set[int] = set()
-    for module in model.modules():
-        if not isinstance(module, _COUNTED):
-            continue
-        w_bits = getattr(module, "qaf_bits", FLOAT_BITS)[0]
-        for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-            if not tensor.is_floating_point():
-                continue  # num_batches_tracked
-            counted.add(id(tensor))
-            weight_like = name == "weight" or isinstance(module, nn.BatchNorm2d)
-            total += tensor.numel() * (w_bits if weight_like else FLOAT_BITS[0])
-    for tensor in model.parameters():
-        if id(tensor) not in counted:
-            total += tensor.numel() * FLOAT_BITS[0]
-    return total
+    if not any(c.w_bits != FLOAT_BITS[0] or c.a_bits != FLOAT_BITS[1] for c in costs):
+        return 100.0
+    if any(getattr(m, "qaf_factorized", False) for m in model.modules()):
+        return bops_pct(total_bops(costs), fp32_macs)
+    return 100.0 * bits * act_bits / (FLOAT_BITS[0] * FLOAT_BITS[1])

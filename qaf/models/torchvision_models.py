@@ -69,3 +69,54 @@ def _pretrained(arch: str) -> nn.Module:
             f"put that file at {cached} (TORCH_HOME sets the cache), "
             f"or pass model.checkpoint=PATH, or model.pretrained=false"
         ) from err
+
+
+def _basic_forward(self, x: torch.Tensor) -> torch.Tensor:
+    identity = x if self.downsample is None else self.downsample(x)
+    out = self.relu1(self.bn1(self.conv1(x)))
+    return self.relu2(self.bn2(self.conv2(out)) + identity)
+
+
+def _bottleneck_forward(self, x: torch.Tensor) -> torch.Tensor:
+    identity = x if self.downsample is None else self.downsample(x)
+    out = self.relu1(self.bn1(self.conv1(x)))
+    out = self.relu2(self.bn2(self.conv2(out)))
+    return self.relu3(self.bn3(self.conv3(out)) + identity)
+
+
+_SPLIT = {
+    torchvision.models.resnet.BasicBlock: (("relu1", "relu2"), _basic_forward),
+    torchvision.models.resnet.Bottleneck: (("relu1", "relu2", "relu3"), _bottleneck_forward),
+}
+
+
+def split_shared_relus(model: nn.Module) -> int:
+    """Give every torchvision ResNet block one ReLU module per call site, in place.
+
+    torchvision's blocks call one ``relu`` module two or three times; a quantizer attached to a
+    ReLU module must see one tensor. Each block gets ``relu1``, ``relu2`` (``relu3``) and the
+    matching forward, exactly as the custom ResNet of LAPQ's reference code. Numerics and state
+    dict are unchanged (ReLUs have no parameters).
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any model; only torchvision ``BasicBlock``/``Bottleneck`` modules are changed.
+
+    Returns
+    -------
+    int
+        Number of blocks split.
+    """
+    count = 0
+    for module in model.modules():
+        split = _SPLIT.get(type(module))
+        if split is None or "relu" not in module._modules:  # not a torchvision block, or split already
+            continue
+        names, forward = split
+        for name in names:
+            setattr(module, name, nn.ReLU(inplace=True))
+        del module.relu
+        module.forward = forward.__get__(module)
+        count += 1
+    return count

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Collection
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qaf.config import ConfigError
@@ -15,12 +18,30 @@ MODES = ("off", "observe", "quant")
 BN_BITS = (8, 8)
 
 
+_BATCH: list[int | None] = [None]
+
+
+@contextmanager
+def batch_index(index: int) -> Iterator[None]:
+    """Tell observers which calibration batch (single-process numbering) is passing through."""
+    _BATCH.append(index)
+    try:
+        yield
+    finally:
+        _BATCH.pop()
+
+
 class ActQuantizer(nn.Module):
     """Per-tensor activation fake-quantizer with a clip observed on calibration data.
 
-    Modes: ``"off"`` is the identity; ``"observe"`` records a running min/max and a bounded random
-    subsample of what passes (identity output); switching to ``"quant"`` fits the grid to the
-    observations (unless a grid was set explicitly with ``set_grid``) and quantizes from then on.
+    Modes: ``"off"`` is the identity; ``"observe"`` records the running min/max and a bounded,
+    deterministic subsample of what passes (identity output); switching to ``"quant"`` fits the
+    grid to the observations (unless a grid was set with ``set_grid``) and quantizes from then on.
+
+    The subsample is a bottom-k sample: from each call, ``per_batch`` elements are drawn with a
+    generator seeded by (seed, batch index, call number), each with a random priority, and the
+    ``max_samples`` of lowest priority are kept. It does not depend on the order in which batches
+    arrive, so observations made by several processes merge into exactly the single-process one.
 
     Parameters
     ----------
@@ -37,9 +58,9 @@ class ActQuantizer(nn.Module):
     max_samples : int
         Bound on the stored subsample (elements).
     per_batch : int
-        Elements drawn at random from each observed batch.
+        Elements drawn at random from each observed call.
     seed : int
-        Seed of the subsampling generator (observation is deterministic).
+        Seed of the subsampling.
     """
 
     def __init__(
@@ -57,12 +78,13 @@ class ActQuantizer(nn.Module):
         super().__init__()
         check_scheme(bits, clip, p, key="act_clip")
         self.bits, self.clip, self.symmetric, self.unsigned, self.p = bits, clip, symmetric, unsigned, p
-        self.max_samples, self.per_batch = max_samples, per_batch
-        self._gen = torch.Generator().manual_seed(seed)
+        self.max_samples, self.per_batch, self.seed = max_samples, per_batch, seed
         self._mode = "off"
         self.grid: Grid | None = None
-        self._samples: list[Tensor] = []
+        self._values = torch.empty(0)
+        self._priority = torch.empty(0)
         self._unfitted = False  # observations made since the grid was last fitted or set
+        self._calls: dict[int, int] = {}  # batch index -> calls seen (a shared quantizer runs twice)
         self.register_buffer("running_min", torch.tensor(float("inf")))
         self.register_buffer("running_max", torch.tensor(float("-inf")))
 
@@ -81,11 +103,27 @@ class ActQuantizer(nn.Module):
         self._mode = mode
 
     def sample(self) -> Tensor:
-        """The stored subsample, with the observed extremes included (clip search sees them)."""
-        if not self._samples:
+        """The stored subsample in a canonical order, with the observed extremes included."""
+        if not self._values.numel():
             raise RuntimeError("ActQuantizer has observed nothing: run calibration data in 'observe' mode")
-        extremes = torch.stack([self.running_min, self.running_max]).to(self._samples[0].device)
-        return torch.cat([*self._samples, extremes])
+        self._prune(self.max_samples)
+        order = torch.argsort(self._priority)
+        extremes = torch.stack([self.running_min, self.running_max]).to(self._values.device)
+        return torch.cat([self._values[order], extremes])
+
+    def observation(self) -> dict[str, Tensor]:
+        """What was observed, as tensors (to merge observations of several processes)."""
+        return {"values": self._values, "priority": self._priority,
+                "min": self.running_min, "max": self.running_max}
+
+    def merge(self, states: list[dict[str, Tensor]]) -> None:
+        """Replace the observation by the union of ``states`` (this process's included)."""
+        device = self.running_min.device
+        self._values = torch.cat([s["values"].to(device) for s in states])
+        self._priority = torch.cat([s["priority"].to(device) for s in states])
+        self._prune(self.max_samples)
+        self.running_min.copy_(torch.stack([s["min"].to(device) for s in states]).min())
+        self.running_max.copy_(torch.stack([s["max"].to(device) for s in states]).max())
 
     def set_grid(self, grid: Grid) -> None:
         """Use ``grid`` as is (a method chose the clip itself); earlier observations will not refit it."""
@@ -94,7 +132,8 @@ class ActQuantizer(nn.Module):
 
     def reset(self) -> None:
         """Forget observations and grid."""
-        self._samples.clear()
+        self._values, self._priority = torch.empty(0), torch.empty(0)
+        self._calls.clear()
         self._unfitted = False
         self.grid = None
         self.running_min.fill_(float("inf"))
@@ -105,20 +144,31 @@ class ActQuantizer(nn.Module):
             self.sample(), self.bits, symmetric=self.symmetric, unsigned=self.unsigned, clip=self.clip, p=self.p
         )
 
+    def _prune(self, keep: int) -> None:
+        if self._priority.numel() > keep:
+            idx = torch.topk(self._priority, keep, largest=False).indices
+            self._values, self._priority = self._values[idx], self._priority[idx]
+
     def _observe(self, x: Tensor) -> None:
         self._unfitted = True
         flat = x.detach().reshape(-1).float()
         self.running_min.copy_(torch.minimum(self.running_min, flat.min()))
         self.running_max.copy_(torch.maximum(self.running_max, flat.max()))
-        if flat.numel() > self.per_batch:
-            idx = torch.randint(flat.numel(), (self.per_batch,), generator=self._gen).to(flat.device)
-            flat = flat[idx]
-        self._samples.append(flat.clone())
-        total = sum(s.numel() for s in self._samples)
-        if total > self.max_samples:  # keep a uniform subsample of everything seen so far
-            pool = torch.cat(self._samples)
-            idx = torch.randperm(pool.numel(), generator=self._gen)[: self.max_samples].to(pool.device)
-            self._samples = [pool[idx]]
+        batch = _BATCH[-1] if _BATCH[-1] is not None else len(self._calls)
+        call = self._calls.get(batch, 0)
+        self._calls[batch] = call + 1
+        # hash() of a tuple of ints is the same in every process (PYTHONHASHSEED only salts str/bytes).
+        gen = torch.Generator().manual_seed(hash((self.seed, batch, call)) & ((1 << 63) - 1))
+        count = min(self.per_batch, flat.numel())
+        idx = torch.randint(flat.numel(), (count,), generator=gen) if count < flat.numel() else torch.arange(count)
+        priority = torch.rand(count, generator=gen)
+        values = flat[idx.to(flat.device)]
+        if not self._values.numel():
+            self._values, self._priority = values.new_empty(0), priority.new_empty(0)
+        self._values = torch.cat([self._values.to(flat.device), values])
+        self._priority = torch.cat([self._priority, priority])
+        if self._priority.numel() > 2 * self.max_samples:  # amortised: prune only now and then
+            self._prune(self.max_samples)
 
     def forward(self, x: Tensor) -> Tensor:
         if self._mode == "off":
@@ -129,7 +179,7 @@ class ActQuantizer(nn.Module):
         assert self.grid is not None
         if self.grid.scale.device != x.device:
             self.grid = self.grid.to(x.device)
-        return self.grid(x)
+        return self.grid.ste(x) if x.requires_grad else self.grid(x)  # STE while fine-tuning
 
     def extra_repr(self) -> str:
         kind = "unsigned" if self.unsigned else "symmetric" if self.symmetric else "affine"
@@ -139,8 +189,9 @@ class ActQuantizer(nn.Module):
 class QuantLayer(nn.Module):
     """A Conv2d/Linear with fake-quantized weight and input activations.
 
-    The float weight is kept (non-persistent buffer ``weight_fp``) so that a method can move the
-    weight to another grid with ``set_weight_grid``.
+    The weight is quantized once (into ``layer.weight``); the float weight is kept (non-persistent
+    buffer ``weight_fp``) so that a method can move it to another grid with ``set_weight_grid``,
+    and fine-tuning can train it through straight-through rounding (``master`` parameter).
 
     Parameters
     ----------
@@ -148,14 +199,17 @@ class QuantLayer(nn.Module):
         The layer to wrap (modified in place: its weight becomes the quantized one).
     w_bits, a_bits : int
         Weight and input-activation bit widths.
-    weight_quantized : bool
-        The weight is already on its grid (e.g. CP factors from ADMM): leave it as is.
+    weight_grid : Grid, optional
+        The weight already lies on this grid (e.g. CP factors from ADMM): keep it as is.
+    fit_weight : bool
+        Fit a grid to the weight now (False: the method sets one later with ``set_weight_grid``).
     weight_scheme : dict, optional
         ``make_grid`` keyword arguments for the weight (default per-tensor symmetric MSE).
     act_scheme : dict, optional
         ``ActQuantizer`` keyword arguments (default affine MSE).
-    act : ActQuantizer, optional
-        Use this quantizer for the input (shared between layers that read the same tensor).
+    act : nn.Module, optional
+        Use this module for the input: a shared ``ActQuantizer`` (layers reading the same tensor),
+        or ``nn.Identity()`` when the input is quantized upstream (e.g. at a ReLU output).
     """
 
     def __init__(
@@ -164,10 +218,11 @@ class QuantLayer(nn.Module):
         w_bits: int,
         a_bits: int,
         *,
-        weight_quantized: bool = False,
+        weight_grid: Grid | None = None,
+        fit_weight: bool = True,
         weight_scheme: dict[str, Any] | None = None,
         act_scheme: dict[str, Any] | None = None,
-        act: ActQuantizer | None = None,
+        act: nn.Module | None = None,
     ):
         super().__init__()
         if not isinstance(layer, (nn.Conv2d, nn.Linear)):
@@ -177,35 +232,72 @@ class QuantLayer(nn.Module):
         self.weight_scheme = {"symmetric": True, "clip": "mse", **(weight_scheme or {})}
         self.act = act if act is not None else ActQuantizer(a_bits, **(act_scheme or {})).to(layer.weight.device)
         self.register_buffer("weight_fp", layer.weight.detach().clone(), persistent=False)
-        self.weight_grid: Grid | None = None
-        if not weight_quantized:
+        self.weight_grid: Grid | None = weight_grid
+        self.bias_correction = False
+        self.master: nn.Parameter | None = None
+        if weight_grid is None and fit_weight:
             self.set_weight_grid(make_grid(self.weight_fp, w_bits, **self.weight_scheme))
         layer.qaf_bits = (w_bits, a_bits)
 
     @torch.no_grad()
     def set_weight_grid(self, grid: Grid, bias_correction: bool = False) -> None:
         """Quantize the float weight onto ``grid`` (optionally mean-corrected per output channel)."""
-        self.weight_grid = grid
-        w_q = grid(self.weight_fp)
-        if bias_correction:
-            w_q = correct_mean(w_q, self.weight_fp)
-        self.layer.weight.copy_(w_q)
+        self.weight_grid, self.bias_correction = grid, bias_correction
+        self.layer.weight.copy_(self._quantized(self.weight_fp))
+
+    def _quantized(self, weight: Tensor) -> Tensor:
+        assert self.weight_grid is not None
+        w_q = self.weight_grid.ste(weight) if weight.requires_grad else self.weight_grid(weight)
+        return correct_mean(w_q, weight) if self.bias_correction else w_q
+
+    def train_weight(self, enable: bool) -> None:
+        """Start (or end, writing the result back) fine-tuning of the float weight.
+
+        While enabled, ``master`` (initialised from the float weight) is a trainable parameter and
+        the forward pass quantizes it with straight-through rounding onto the fixed grid.
+        """
+        if enable and self.master is None and self.weight_grid is not None:
+            self.master = nn.Parameter(self.weight_fp.clone())
+        elif not enable and self.master is not None:
+            with torch.no_grad():
+                self.weight_fp.copy_(self.master)
+                self.layer.weight.copy_(self._quantized(self.weight_fp))
+            self.master = None
+
+    def storage(self) -> list[tuple[str, int, int]]:
+        """Stored tensors ``(name, entries, bits)``: weight codes, grid, bias (see qaf.metrics.size)."""
+        weight = self.layer.weight
+        out = [("weight_codes", weight.numel(), self.w_bits)]
+        if self.weight_grid is not None:
+            out.append(("weight_scale", self.weight_grid.scale.numel(), 32))
+            if bool((self.weight_grid.zero_point != 0).any()):
+                out.append(("weight_zero_point", self.weight_grid.zero_point.numel(), 32))
+        if self.bias_correction:  # a float offset per output channel
+            out.append(("weight_offset", weight.shape[0], 32))
+        if self.layer.bias is not None:
+            out.append(("bias", self.layer.bias.numel(), 32))
+        return out
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.layer(self.act(x))
+        x = self.act(x)
+        if self.master is None:
+            return self.layer(x)
+        weight = self._quantized(self.master)
+        if isinstance(self.layer, nn.Conv2d):
+            return self.layer._conv_forward(x, weight, self.layer.bias)
+        return F.linear(x, weight, self.layer.bias)
 
 
-BitsFor = Callable[[str, nn.Module], "int | tuple[int, int] | None"]
+Plan = Mapping[str, "tuple[int, int] | None"]
 
 
 def quantize_model(
     model: nn.Module,
-    bits_for: BitsFor,
-    act_bits: int,
+    plan: Plan,
     *,
     weight_scheme: dict[str, Any] | None = None,
     act_scheme: dict[str, Any] | None = None,
-    weight_quantized: Collection[str] = (),
+    weight_grids: Mapping[str, Grid] | None = None,
 ) -> list[dict]:
     """Replace conv/linear layers by ``QuantLayer`` in place.
 
@@ -213,51 +305,101 @@ def quantize_model(
     ----------
     model : nn.Module
         Model to rewrite.
-    bits_for : callable
-        ``bits_for(name, module)``: ``None`` leaves the layer in float; an int gives the weight
-        bits (input activations at ``act_bits``); a tuple gives ``(w_bits, a_bits)``.
-    act_bits : int
-        Default input-activation bit width.
+    plan : mapping
+        Module name -> ``(w_bits, a_bits)``; a name mapped to None or absent stays in float
+        (e.g. :func:`qaf.quant.policy.layer_plan`).
     weight_scheme, act_scheme : dict, optional
         Passed to every ``QuantLayer``.
-    weight_quantized : collection of str
-        Names of layers whose weights are already on their grid; a module attribute
-        ``qaf_weight_quantized = True`` marks them too.
+    weight_grids : mapping, optional
+        Layers whose weights already lie on a grid (e.g. CP factors), with that grid.
 
     Returns
     -------
     list of dict
         One entry per quantized layer: name, w_bits, a_bits, clip, act_clip, shape,
-        weight_quantized.
+        weight_quantized (already on its grid).
     """
-    targets = []
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            bits = bits_for(name, module)
-            if bits is not None:
-                targets.append((name, module, bits))
+    weight_grids = weight_grids or {}
+    targets = [(name, module, plan[name]) for name, module in model.named_modules()
+               if isinstance(module, (nn.Conv2d, nn.Linear)) and plan.get(name) is not None]
     report = []
-    for name, module, bits in targets:
-        w_bits, a_bits = bits if isinstance(bits, tuple) else (bits, act_bits)
-        on_grid = name in weight_quantized or bool(getattr(module, "qaf_weight_quantized", False))
-        wrapped = QuantLayer(
-            module, w_bits, a_bits, weight_quantized=on_grid, weight_scheme=weight_scheme, act_scheme=act_scheme
-        )
+    for name, module, (w_bits, a_bits) in targets:
+        grid = weight_grids.get(name)
+        wrapped = QuantLayer(module, w_bits, a_bits, weight_grid=grid, weight_scheme=weight_scheme,
+                             act_scheme=act_scheme)
         set_submodule(model, name, wrapped)
-        report.append(
-            {
-                "name": name,
-                "w_bits": w_bits,
-                "a_bits": a_bits,
-                "clip": None if on_grid else wrapped.weight_scheme["clip"],
-                "act_clip": wrapped.act.clip,
-                "shape": list(module.weight.shape),
-                "weight_quantized": on_grid,
-            }
-        )
+        report.append({"name": name, "w_bits": w_bits, "a_bits": a_bits,
+                       "clip": None if grid is not None else wrapped.weight_scheme["clip"],
+                       "act_clip": wrapped.act.clip, "shape": list(module.weight.shape),
+                       "weight_quantized": grid is not None})
     if report:
         mark_batchnorm(model)
     return report
+
+
+class QuantInput(nn.Module):
+    """Any layer (e.g. a QSWD layer) with its input fake-quantized by ``act``."""
+
+    def __init__(self, module: nn.Module, act: ActQuantizer):
+        super().__init__()
+        self.module, self.act = module, act
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.module(self.act(x))
+
+
+class QuantReLU(nn.Module):
+    """A ReLU whose output is quantized: every consumer (identity shortcuts included) reads it.
+
+    Parameters
+    ----------
+    relu : nn.Module
+        The activation.
+    act : ActQuantizer
+        The quantizer of its output.
+    """
+
+    def __init__(self, relu: nn.Module, act: ActQuantizer):
+        super().__init__()
+        self.relu, self.act = relu, act
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.relu(x))
+
+
+@torch.no_grad()
+def set_input_bits(model: nn.Module, x: Tensor) -> None:
+    """Record on each quantized layer the bit width of the quantizer its input comes from.
+
+    One forward pass of ``x``: a layer whose input tensor is the output of an ``ActQuantizer`` gets
+    ``qaf_bits = (w_bits, that quantizer's bits)``; any other input counts as float (32 bits).
+
+    Parameters
+    ----------
+    model : nn.Module
+        A model with ``QuantLayer`` layers (their quantizers in any mode).
+    x : Tensor
+        A sample input batch.
+    """
+    produced: dict[int, tuple[Tensor, int]] = {}  # id -> (tensor kept alive so ids stay unique, bits)
+    seen: dict[nn.Module, int] = {}
+
+    def record(module: ActQuantizer, _args: tuple, out: Tensor) -> None:
+        produced[id(out)] = (out, module.bits)
+
+    def check(module: nn.Module, args: tuple) -> None:
+        seen[module] = produced.get(id(args[0]), (None, 32))[1]
+
+    quant_layers = [m for m in model.modules() if isinstance(m, QuantLayer)]
+    hooks = [q.register_forward_hook(record) for q in act_quantizers(model)]
+    hooks += [q.layer.register_forward_pre_hook(check) for q in quant_layers]
+    try:
+        model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for q in quant_layers:
+        q.layer.qaf_bits = (q.w_bits, seen.get(q.layer, 32))
 
 
 def mark_batchnorm(model: nn.Module) -> None:

@@ -69,6 +69,13 @@ class Grid:
         q = torch.round(v).add_(self._zp_int).clamp_(self.qmin, self.qmax)
         return q.sub_(self.zero_point).mul_(self.scale)
 
+    def ste(self, x: Tensor) -> Tensor:
+        """``self(x)`` with a straight-through gradient: 1 inside the grid's range, 0 outside."""
+        q = self(x.detach())
+        lo, hi = self.bounds()
+        inside = (x.detach() >= lo) & (x.detach() <= hi)
+        return torch.where(inside, x + (q - x).detach(), q)
+
     @property
     def num_levels(self) -> int:
         """Number of distinct levels."""

@@ -1,6 +1,6 @@
 """Quantization Aware Factorization: ``method=cpd | cpd_epc | admm | admm_epc``.
 
-Each selected conv (default: every conv with a kernel larger than 1x1 except the first conv) is
+Each selected conv (a kernel larger than 1x1, groups 1, put at ``bits`` by the layer policy) is
 replaced by a :class:`qaf.decomp.CPConv2d` whose three factors lie on ``bits``-bit grids:
 
 - ``cpd``: float CP by ALS, then each factor quantized;
@@ -8,16 +8,14 @@ replaced by a :class:`qaf.decomp.CPConv2d` whose three factors lie on ``bits``-b
 - ``admm``: quantized CP by AO-ADMM from an ``svd``, ``random`` or ``als`` start;
 - ``admm_epc``: quantized CP by AO-ADMM from the CP-EPC solution.
 
-Every other conv/linear layer keeps its weight at ``keep_bits``; all inputs are quantized at
-``act_bits`` (observed by the pipeline on calibration data), and BN is re-calibrated.
-Float starts (ALS, EPC) and ADMM results are cached separately, so a sweep over bit widths and
-over ``admm``/``admm_epc`` computes each start once per layer.
+Every other conv/linear layer is quantized as the policy says; inputs of the factorized layers'
+three sub-convs are quantized at ``act_bits`` (fitted by the pipeline's observers). Float starts
+(ALS, EPC) and ADMM results are cached separately, so a sweep over bit widths and over
+``admm``/``admm_epc`` computes each start once per layer.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import logging
 import time
 from typing import Any
 
@@ -25,23 +23,25 @@ import torch
 from torch import Tensor, nn
 
 from qaf.cache import FactorCache, tensor_digest
-from qaf.config import ConfigError
-from qaf.decomp.admm import cp_admm
+from qaf.config import ConfigError, check_bool, check_choice, check_int, check_number
+from qaf.decomp import admm as admm_module
+from qaf.decomp import cp as cp_module
+from qaf.decomp import epc as epc_module
 from qaf.decomp.cp import cp_als, cp_rank, init_factors, max_rate, relative_error, weight_to_tensor
 from qaf.decomp.epc import cp_epc
 from qaf.decomp.layers import CPConv2d
-from qaf.methods.base import CompressContext, Method
+from qaf.methods.base import CompressContext, Method, decomposable_convs
 from qaf.quant.clip import CLIP_RULES
 from qaf.quant.modules import quantize_model, set_submodule
-from qaf.quant.uniform import make_grid
-
-log = logging.getLogger(__name__)
+from qaf.quant.policy import LayerPolicy, layer_plan
+from qaf.quant.uniform import Grid, make_grid
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _SUBCONVS = ("pointwise_in", "depthwise", "pointwise_out")
+INITS = ("svd", "random", "als")
 
 
-class QAFMethod(Method):
+class CPMethod(Method):
     """Shared machinery of the four CP methods (subclasses fix ``solver``, ``epc_start``).
 
     Parameters
@@ -49,15 +49,11 @@ class QAFMethod(Method):
     bits, act_bits, rate
         Factor bit width, input-activation bit width and parameter reduction rate per layer.
     include, exclude : list of str
-        fnmatch patterns on module names; a conv (groups 1, kernel > 1x1, not the first conv)
-        is factorized if it matches an include and no exclude pattern.
-    keep_bits : int or None
-        Weight bits of every layer that is not factorized (first conv, 1x1 downsample convs,
-        classifier); None: ``bits``.
+        fnmatch patterns on module names, applied to the convs the policy puts at ``bits``.
     symmetric : bool
         Factor grids symmetric (zero point 0) or affine; both have ``2^b`` levels.
     clip : {"minmax", "mse", "lp", "aciq"}
-        Clip rule of the per-tensor factor grids (and of the ``keep_bits`` weights).
+        Clip rule of the per-tensor factor grids (and of the weights of non-factorized layers).
     p : float
         Exponent of the ``lp`` clip rule.
     act_clip : {"minmax", "mse", "lp", "aciq"}
@@ -74,167 +70,133 @@ class QAFMethod(Method):
         change of ``||lambda||`` below ``epc_tol``.
     admm_outer, admm_inner, admm_tol_inner, admm_tol_outer, admm_patience
         AO-ADMM budgets (see :func:`qaf.decomp.admm.cp_admm`).
-    bn_calibration : bool
-        Re-estimate BN statistics after compression.
     """
 
-    name = "qaf"
+    name = "cp"
     solver = "cpd"
     epc_start = False
-    bn_calibration = True
-    observe_activations = True
 
     def __init__(self, bits: int = 4, act_bits: int = 8, rate: float = 2.0, *,
                  include: list[str] | None = None, exclude: list[str] | None = None,
-                 keep_bits: int | None = 8, symmetric: bool = True, clip: str = "mse", p: float = 2.0, act_clip: str = "mse",
+                 symmetric: bool = True, clip: str = "mse", p: float = 2.0, act_clip: str = "mse",
                  init: str = "svd", dtype: str = "float32",
                  als_iters: int = 50, als_tol: float = 1e-7,
                  epc_iters: int = 1000, epc_min_iters: int = 50, epc_work: float = 2.4e9, epc_tol: float = 1e-6,
                  admm_outer: int = 100, admm_inner: int = 10, admm_tol_inner: float = 1e-4,
-                 admm_tol_outer: float = 1e-4, admm_patience: int = 5,
-                 bn_calibration: bool = True, **options: Any):
+                 admm_tol_outer: float = 1e-4, admm_patience: int = 5, **options: Any):
         super().__init__(bits=bits, act_bits=act_bits, rate=rate, **options)
         self.include = list(include) if include is not None else ["*"]
         self.exclude = list(exclude) if exclude is not None else []
-        self.keep_bits, self.clip, self.p, self.act_clip = keep_bits, clip, p, act_clip
-        self.symmetric = symmetric
+        self.clip, self.p, self.act_clip, self.symmetric = clip, p, act_clip, symmetric
         self.init, self.dtype = init, dtype
         self.als = {"iters": als_iters, "tol": als_tol}
         self.epc = {"iters": epc_iters, "min_iters": epc_min_iters, "work": epc_work, "tol": epc_tol}
         self.admm = {"outer": admm_outer, "inner": admm_inner, "tol_inner": admm_tol_inner,
                      "tol_outer": admm_tol_outer, "patience": admm_patience}
-        self.bn_calibration = bn_calibration
 
     # ----------------------------------------------------------------------------- checks
-    def select_layers(self, model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
+    def select_layers(self, model: nn.Module, policy: LayerPolicy) -> list[tuple[str, nn.Conv2d]]:
         """The convs this method factorizes, in module order."""
-        convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-        first = convs[0][0] if convs else None
-        chosen = []
-        for name, conv in convs:
-            kh, kw = conv.kernel_size
-            if name == first or conv.groups != 1 or kh * kw == 1:
-                continue
-            if any(fnmatch.fnmatchcase(name, pat) for pat in self.include) and not any(
-                fnmatch.fnmatchcase(name, pat) for pat in self.exclude
-            ):
-                chosen.append((name, conv))
-        return chosen
+        return decomposable_convs(model, policy, self.include, self.exclude)
 
-    def check(self, model: nn.Module, data: Any = None) -> None:
-        """Validate options, ranks and weights; raise one ``ConfigError`` naming the key."""
-        _check_int("bits", self.bits, 2, 16)
-        _check_int("act_bits", self.act_bits, 2, 16)
-        if self.keep_bits is not None:
-            _check_int("method.keep_bits", self.keep_bits, 2, 16)
-        for key, value in (("method.clip", self.clip), ("method.act_clip", self.act_clip)):
-            if value not in CLIP_RULES:
-                raise ConfigError(f"{key}={value!r} is invalid: accepted {', '.join(CLIP_RULES)}")
-        if self.init not in ("svd", "random", "als"):
-            raise ConfigError(f"method.init={self.init!r} is invalid: accepted svd, random, als")
-        if not isinstance(self.symmetric, bool):
-            raise ConfigError(f"method.symmetric={self.symmetric!r} is invalid: accepted true, false")
-        if self.dtype not in _DTYPES:
-            raise ConfigError(f"method.dtype={self.dtype!r} is invalid: accepted {', '.join(_DTYPES)}")
-        if not isinstance(self.rate, (int, float)) or isinstance(self.rate, bool) or not self.rate > 0:
-            raise ConfigError(f"rate={self.rate!r} is invalid: accepted a number > 0")
-        for key, value in [(f"method.als_{k}", v) for k, v in self.als.items() if k == "iters"] + [
-            ("method.epc_iters", self.epc["iters"]), ("method.epc_min_iters", self.epc["min_iters"]),
-            ("method.admm_outer", self.admm["outer"]), ("method.admm_inner", self.admm["inner"]),
-            ("method.admm_patience", self.admm["patience"]),
-        ]:
-            _check_int(key, value, 1, 10**7)
-        layers = self.select_layers(model)
+    def check(self, model: nn.Module, ctx: CompressContext) -> None:
+        """Validate options and ranks; raise one ``ConfigError`` naming the key."""
+        for key in ("clip", "act_clip"):
+            check_choice(f"method.{key}", getattr(self, key), CLIP_RULES)
+        check_choice("method.init", self.init, INITS)
+        check_choice("method.dtype", self.dtype, tuple(_DTYPES))
+        check_bool("method.symmetric", self.symmetric)
+        check_number("method.p", self.p, 0, low_open=True)
+        for key, value in (("als_iters", self.als["iters"]), ("epc_iters", self.epc["iters"]),
+                           ("epc_min_iters", self.epc["min_iters"]), ("admm_outer", self.admm["outer"]),
+                           ("admm_inner", self.admm["inner"]), ("admm_patience", self.admm["patience"])):
+            check_int(f"method.{key}", value, 1, 10**7)
+        for key, value in (("als_tol", self.als["tol"]), ("epc_tol", self.epc["tol"]), ("epc_work", self.epc["work"]),
+                           ("admm_tol_inner", self.admm["tol_inner"]), ("admm_tol_outer", self.admm["tol_outer"])):
+            check_number(f"method.{key}", value, 0)
+        policy = ctx.policy
+        layers = self.select_layers(model, policy)
         if not layers:
             raise ConfigError(
                 f"method={self.name} selects no layer: method.include={self.include} / "
-                f"method.exclude={self.exclude} match no conv with a kernel larger than 1x1 "
-                "(the first conv is never factorized)"
+                f"method.exclude={self.exclude} with policy={policy.name} match no conv with a kernel larger "
+                "than 1x1 that the policy puts at `bits`"
             )
         limit = min(max_rate(weight_to_tensor(conv.weight).shape) for _, conv in layers)
         for name, conv in layers:
-            shape = weight_to_tensor(conv.weight).shape
-            if cp_rank(shape, self.rate) < 1:
+            if cp_rank(weight_to_tensor(conv.weight).shape, self.rate) < 1:
                 raise ConfigError(
                     f"rate={self.rate} is invalid: layer {name} {tuple(conv.weight.shape)} would get "
                     f"rank < 1; the largest valid rate for the selected layers is {limit:.4g}"
                 )
-            if not bool(torch.isfinite(conv.weight).all()):
-                raise ConfigError(f"layer {name} has non-finite weights (NaN or inf): cannot factorize it")
 
     # --------------------------------------------------------------------------- compress
     def compress(self, model: nn.Module, ctx: CompressContext) -> list[dict]:
-        """Factorize the selected convs in place, then wrap every conv/linear with quantizers."""
-        self.check(model)
+        """Factorize the selected convs in place, then quantize every layer the policy asks for."""
         model.to(ctx.device)
-        layers = self.select_layers(model)
-        reports, cp_names = [], set()
+        plan = dict(layer_plan(model, ctx.policy, self.bits, self.act_bits))
+        layers = self.select_layers(model, ctx.policy)
+        reports, grids = [], {}
         for idx, (name, conv) in enumerate(layers):
             start = time.perf_counter()
-            factors, report = self.factorize(name, conv, ctx)
+            factors, factor_grids, report = self.factorize(name, conv, ctx)
             report["seconds"] = round(time.perf_counter() - start, 3)
-            cp = CPConv2d(conv, factors)
-            for sub in _SUBCONVS:
-                getattr(cp, sub).qaf_weight_quantized = True
-                cp_names.add(f"{name}.{sub}")
-            set_submodule(model, name, cp)
+            set_submodule(model, name, CPConv2d(conv, factors))
+            del plan[name]
+            for sub, grid in zip(_SUBCONVS, _subconv_grids(factor_grids)):
+                plan[f"{name}.{sub}"] = (self.bits, self.act_bits)
+                grids[f"{name}.{sub}"] = grid
             reports.append(report)
-            if ctx.progress:
-                log.info("[%d/%d] %s rank %d: %.1f s, e_quant %.4f%s", idx + 1, len(layers), name,
-                         report["rank"], report["seconds"], report["e_quant"],
-                         " (cached)" if report["cached"] else "")
-        keep = self.keep_bits if self.keep_bits is not None else self.bits
-
-        def bits_for(name: str, module: nn.Module) -> tuple[int, int]:
-            return (self.bits if name in cp_names else keep, self.act_bits)
-
-        quantize_model(
-            model, bits_for, self.act_bits,
-            weight_scheme={"symmetric": True, "clip": self.clip, "p": self.p},
-            act_scheme={"clip": self.act_clip, "p": self.p, "symmetric": False},
-            weight_quantized=cp_names,
-        )
+            ctx.log("[%d/%d] %s rank %d: %.1f s, e_quant %.4f%s", idx + 1, len(layers), name, report["rank"],
+                    report["seconds"], report["e_quant"], " (cached)" if report["cached"] else "")
+        quantize_model(model, plan, weight_scheme={"symmetric": True, "clip": self.clip, "p": self.p},
+                       act_scheme={"clip": self.act_clip, "p": self.p, "symmetric": False}, weight_grids=grids)
         return reports
 
-    def grid_factory(self, x: Tensor):
+    def grid_factory(self, x: Tensor) -> Grid:
         """Per-tensor grid of ``bits`` bits fitted to ``x`` with the method's clip rule."""
         return make_grid(x, self.bits, symmetric=self.symmetric, clip=self.clip, p=self.p)
 
-    def factorize(self, name: str, conv: nn.Conv2d, ctx: CompressContext) -> tuple[list[Tensor], dict]:
-        """Quantized CP factors of one conv and its report dict."""
+    def factorize(self, name: str, conv: nn.Conv2d, ctx: CompressContext) -> tuple[list[Tensor], list[Grid], dict]:
+        """Quantized CP factors of one conv, their grids, and its report dict."""
         dt = _DTYPES[self.dtype]
         tensor = weight_to_tensor(conv.weight.detach()).to(ctx.device, dt)
         rank = cp_rank(tensor.shape, self.rate)
         base = {"weight": tensor_digest(conv.weight), "shape": list(tensor.shape), "rank": rank,
-                "dtype": self.dtype, "seed": ctx.seed}
+                "dtype": self.dtype, "device": ctx.device.type, "seed": ctx.seed}
         cache = ctx.cache if ctx.cache is not None else FactorCache("", enabled=False)
         hits: list[bool] = []
         start_key, start = self._start(tensor, rank, base, cache, ctx.seed, hits)
         e_float = relative_error(tensor, start)
         iterations = 0
         if self.solver == "cpd":
-            factors = [self.grid_factory(f)(f) for f in start]
+            grids = [self.grid_factory(f) for f in start]
+            factors = [g(f) for g, f in zip(grids, start)]
         else:
-            key = {**start_key, "stage": "admm", "bits": self.bits, "symmetric": self.symmetric,
-                   "clip": self.clip, "p": self.p,
-                   "admm": self.admm}
+            key = {**start_key, "stage": "admm", "version": admm_module.VERSION, "bits": self.bits,
+                   "symmetric": self.symmetric, "clip": self.clip, "p": self.p, "admm": self.admm}
 
             def run_admm() -> tuple[dict[str, Tensor], dict[str, Any]]:
-                res = cp_admm(tensor, start, self.grid_factory, max_outer=self.admm["outer"],
-                              max_inner=self.admm["inner"], tol_inner=self.admm["tol_inner"],
-                              tol_outer=self.admm["tol_outer"], patience=self.admm["patience"])
-                return _as_dict(res.factors), {"iterations": res.iterations, "diverged": res.diverged,
-                                               "inner_iterations": res.inner_iterations}
+                res = admm_module.cp_admm(tensor, start, self.grid_factory, max_outer=self.admm["outer"],
+                                          max_inner=self.admm["inner"], tol_inner=self.admm["tol_inner"],
+                                          tol_outer=self.admm["tol_outer"], patience=self.admm["patience"])
+                return {**_as_dict(res.factors), **_grids_as_dict(res.grids)}, {
+                    "iterations": res.iterations, "diverged": res.diverged, "inner_iterations": res.inner_iterations,
+                    "qrange": [[g.qmin, g.qmax] for g in res.grids]}
 
-            stored, meta, hit = cache.get_or_compute(key, run_admm)
+            stored, meta, hit = cache.get_or_compute(key, run_admm, schema=_admm_schema(len(start)))
             hits.append(hit)
             factors = _as_list(stored, ctx.device, dt)
+            grids = [Grid(stored[f"scale{n}"].to(ctx.device), stored[f"zero_point{n}"].to(ctx.device), *qr)
+                     for n, qr in enumerate(meta["qrange"])]
             iterations = int(meta["iterations"])
         e_quant = relative_error(tensor, factors)
         report = {"name": name, "shape": list(conv.weight.shape), "rank": rank, "bits": self.bits,
                   "method": self.name, "init": self._init_name(), "iterations": iterations,
                   "e_float": round(e_float, 6), "e_quant": round(e_quant, 6), "cached": all(hits)}
-        return [f.to(conv.weight.dtype) for f in factors], report
+        wdt = conv.weight.dtype
+        grids = [Grid(g.scale.to(wdt), g.zero_point.to(wdt), g.qmin, g.qmax) for g in grids]
+        return [f.to(wdt) for f in factors], grids, report
 
     def _init_name(self) -> str:
         if self.solver == "cpd" or self.epc_start:
@@ -248,66 +210,86 @@ class QAFMethod(Method):
         kind = self._init_name()
         if kind in ("svd", "random"):
             gen = torch.Generator().manual_seed(seed)
-            return {**base, "stage": "init", "init": kind}, init_factors(tensor, rank, kind, gen)
-        als_key = {**base, "stage": "als", "als": self.als}
+            return {**base, "stage": "init", "init": kind, "version": cp_module.VERSION}, \
+                init_factors(tensor, rank, kind, gen)
+        als_key = {**base, "stage": "als", "version": cp_module.VERSION, "als": self.als}
+        schema = _factor_schema(tensor.dim())
 
         def run_als() -> tuple[dict[str, Tensor], dict[str, Any]]:
             res = cp_als(tensor, rank, n_iter=self.als["iters"], tol=self.als["tol"], init="svd",
                          generator=torch.Generator().manual_seed(seed))
             return _as_dict(res.factors), {"iterations": res.iterations, "error": res.error}
 
-        stored, _, hit = cache.get_or_compute(als_key, run_als)
+        stored, _, hit = cache.get_or_compute(als_key, run_als, schema=schema)
         hits.append(hit)
         als = _as_list(stored, dev, dt)
         if kind == "als":
             return als_key, als
         sweeps = int(min(self.epc["iters"], max(self.epc["min_iters"], self.epc["work"] / rank**3)))
-        epc_key = {**als_key, "stage": "epc", "epc": {**self.epc, "sweeps": sweeps}}
+        epc_key = {**als_key, "stage": "epc", "epc_version": epc_module.VERSION, "epc": {**self.epc, "sweeps": sweeps}}
 
         def run_epc() -> tuple[dict[str, Tensor], dict[str, Any]]:
             res = cp_epc(tensor, als, n_iter=sweeps, tol=self.epc["tol"])
             return _as_dict(res.factors), {"iterations": res.iterations, "error": res.error}
 
-        stored, _, hit = cache.get_or_compute(epc_key, run_epc)
+        stored, _, hit = cache.get_or_compute(epc_key, run_epc, schema=schema)
         hits.append(hit)
         return epc_key, _as_list(stored, dev, dt)
 
 
-class CPD(QAFMethod):
+class CPD(CPMethod):
     """``method=cpd``: float CP by ALS, then each factor quantized."""
 
     name, solver, epc_start = "cpd", "cpd", False
 
 
-class CPDEPC(QAFMethod):
+class CPDEPC(CPMethod):
     """``method=cpd_epc``: ALS, error-preserving correction, then each factor quantized."""
 
     name, solver, epc_start = "cpd_epc", "cpd", True
 
 
-class ADMM(QAFMethod):
+class ADMM(CPMethod):
     """``method=admm``: quantized CP by AO-ADMM from an ``svd`` / ``random`` / ``als`` start."""
 
     name, solver, epc_start = "admm", "admm", False
 
 
-class ADMMEPC(QAFMethod):
+class ADMMEPC(CPMethod):
     """``method=admm_epc``: quantized CP by AO-ADMM started from the CP-EPC solution."""
 
     name, solver, epc_start = "admm_epc", "admm", True
 
 
-def _check_int(key: str, value: Any, lo: int, hi: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise ConfigError(f"{key}={value!r} is invalid: accepted {lo}..{hi}")
+def _subconv_grids(grids: list[Grid]) -> list[Grid]:
+    """Grids of the three sub-convs (pointwise_in holds B, depthwise C, pointwise_out A)."""
+    a, b, c = grids
+    return [b, c, a]
 
 
 def _as_dict(factors: list[Tensor]) -> dict[str, Tensor]:
     return {f"factor{n}": f for n, f in enumerate(factors)}
 
 
+def _grids_as_dict(grids: list) -> dict[str, Tensor]:
+    out = {}
+    for n, g in enumerate(grids):
+        out[f"scale{n}"], out[f"zero_point{n}"] = g.scale, g.zero_point
+    return out
+
+
 def _as_list(stored: dict[str, Tensor], device: torch.device, dtype: torch.dtype) -> list[Tensor]:
-    return [stored[f"factor{n}"].to(device, dtype) for n in range(len(stored))]
+    count = sum(k.startswith("factor") for k in stored)
+    return [stored[f"factor{n}"].to(device, dtype) for n in range(count)]
 
 
-__all__ = ["ADMM", "ADMMEPC", "CPD", "CPDEPC", "QAFMethod"]
+def _factor_schema(modes: int) -> dict[str, Any]:
+    return {"tensors": [f"factor{n}" for n in range(modes)], "meta": ["iterations", "error"]}
+
+
+def _admm_schema(modes: int) -> dict[str, Any]:
+    names = [f"{kind}{n}" for n in range(modes) for kind in ("factor", "scale", "zero_point")]
+    return {"tensors": names, "meta": ["iterations", "diverged", "inner_iterations", "qrange"]}
+
+
+__all__ = ["ADMM", "ADMMEPC", "CPD", "CPDEPC", "CPMethod"]

@@ -1,4 +1,4 @@
-"""The four QAF methods (cpd, cpd_epc, admm, admm_epc) on real and toy models."""
+"""The four CP methods (cpd, cpd_epc, admm, admm_epc) on real and toy models."""
 
 from __future__ import annotations
 
@@ -9,21 +9,25 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-import qaf.methods.qaf as qaf_methods
+import qaf.methods.cp as cp_methods
 from qaf.cache import FactorCache
 from qaf.config import ConfigError
 from qaf.decomp import CPConv2d, cp_to_tensor, relative_error, weight_to_tensor
 from qaf.methods.base import CompressContext
-from qaf.methods.qaf import ADMM, ADMMEPC, CPD, CPDEPC
+from qaf.methods.cp import ADMM, ADMMEPC, CPD, CPDEPC
 from qaf.models.cifar_resnet import build
 from qaf.quant.modules import QuantLayer
+from qaf.quant.policy import LayerPolicy
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(als_iters=10, epc_iters=10, epc_min_iters=5, admm_outer=3)
 
 
-def _ctx(cache=None, seed=0):
-    return CompressContext(data=None, device=torch.device("cpu"), cache=cache, seed=seed, progress=True)
+QAF_POLICY = LayerPolicy(name="qaf", shortcut="keep")
+
+
+def _ctx(cache=None, seed=0, policy=QAF_POLICY):
+    return CompressContext(data=None, device=torch.device("cpu"), policy=policy, cache=cache, seed=seed, progress=True)
 
 
 def _toy() -> nn.Module:
@@ -55,54 +59,60 @@ def test_compress_replaces_selected_convs_with_quantized_cp(cls):
         assert set(r) >= {"name", "shape", "rank", "bits", "method", "init", "iterations", "seconds",
                           "e_float", "e_quant"}
         assert r["method"] == cls.name
-    for name in ("0", "4", "9"):  # first conv, 1x1 conv, classifier: kept at keep_bits
+    for name in ("0", "9"):  # first conv and classifier: kept at keep_bits by the policy
         assert model.get_submodule(name).layer.qaf_bits == (8, 8)
+    assert model.get_submodule("4").layer.qaf_bits == (4, 8)  # a 1x1 body conv: quantized at `bits`
+    for r in reports:  # the factors' grids travel with them (fine-tuning and export need them)
+        for sub in ("pointwise_in", "depthwise", "pointwise_out"):
+            q = model.get_submodule(f"{r['name']}.{sub}")
+            assert torch.equal(q.weight_grid(q.layer.weight), q.layer.weight)
     assert model(torch.randn(2, 3, 8, 8)).shape == (2, 5)
 
 
-def test_yaml_configs_instantiate_with_defaults():
+def test_policy_float_stem_and_last_conv_are_not_factorized():
+    model = _toy()
+    policy = LayerPolicy(name="lapq", stem="float", last_conv="float", classifier="float")
+    reports = CPD(bits=4, rate=1.5, **FAST).compress(model, _ctx(policy=policy))
+    assert [r["name"] for r in reports] == ["2"]
+    assert isinstance(model.get_submodule("6"), nn.Conv2d) and isinstance(model.get_submodule("9"), nn.Linear)
+
+
+def test_the_four_methods_share_one_solver_config():
+    shared = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "cp_solver" / "default.yaml"))
     for name, cls in (("cpd", CPD), ("cpd_epc", CPDEPC), ("admm", ADMM), ("admm_epc", ADMMEPC)):
         cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "method" / f"{name}.yaml"))
-        assert cfg.pop("_target_") == f"qaf.methods.qaf.{cls.__name__}"
-        method = cls(bits=4, act_bits=8, rate=2.0, **cfg)
-        method.check(build(20))
-        assert method.bn_calibration
+        assert cfg["method"] == {"_target_": f"qaf.methods.cp.{cls.__name__}"}  # nothing repeated
+        method = cls(bits=4, act_bits=8, rate=2.0, **shared)
+        method.check(build(20), _ctx())
 
 
 def test_rate_too_large_names_layer_and_largest_rate():
     model = build(20)
     with pytest.raises(ConfigError, match=r"layer1\.0\.conv1 .*largest valid rate for the selected layers is 56\.2"):
-        ADMMEPC(rate=60.0).check(model)
+        ADMMEPC(rate=60.0).check(model, _ctx())
 
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [({"init": "zeros"}, "method.init"), ({"clip": "max"}, "method.clip"), ({"bits": 1}, "bits=1"),
-     ({"include": ["nothing*"]}, "selects no layer"), ({"admm_outer": 0}, "method.admm_outer")],
+    [({"init": "zeros"}, "method.init"), ({"clip": "max"}, "method.clip"), ({"nosuch": 1}, "method.nosuch"),
+     ({"include": ["nothing*"]}, "selects no layer"), ({"admm_outer": 0}, "method.admm_outer"),
+     ({"als_tol": float("nan")}, "method.als_tol")],
 )
 def test_bad_options_raise_config_error(kwargs, match):
     with pytest.raises(ConfigError, match=match):
-        ADMM(**kwargs).check(build(20))
-
-
-def test_non_finite_weights_are_rejected():
-    model = build(20)
-    with torch.no_grad():
-        model.layer2[0].conv1.weight[0, 0, 0, 0] = float("nan")
-    with pytest.raises(ConfigError, match="layer2.0.conv1 has non-finite"):
-        CPDEPC().check(model)
+        ADMM(**kwargs).check(build(20), _ctx())
 
 
 def test_include_exclude_patterns():
     method = CPD(include=["layer3.*"], exclude=["*.conv2"])
-    names = [n for n, _ in method.select_layers(build(20))]
+    names = [n for n, _ in method.select_layers(build(20), QAF_POLICY)]
     assert names == ["layer3.0.conv1", "layer3.1.conv1", "layer3.2.conv1"]
 
 
 def test_epc_start_is_cached_once_across_methods_and_bits(tmp_path, monkeypatch):
     calls = []
-    real = qaf_methods.cp_epc
-    monkeypatch.setattr(qaf_methods, "cp_epc", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = cp_methods.cp_epc
+    monkeypatch.setattr(cp_methods, "cp_epc", lambda *a, **k: calls.append(1) or real(*a, **k))
     cache = FactorCache(tmp_path)
     opts = dict(include=["layer1.2.conv1"], **FAST)
     results = {}

@@ -1,0 +1,160 @@
+"""The HTML report as headless Chromium renders it: the table's rows and a screenshot.
+
+Skipped when no Chromium is found, unless ``QAF_REQUIRE_BROWSER=1`` (set by CI), which turns
+the missing browser into a failure so that CI cannot pass by skipping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qaf.report import build_report
+from qaf.report.browser import (BrowserNotFound, find_chromium, render_dom, require_chromium,
+                                screenshot)
+
+REPO = Path(__file__).resolve().parents[1]
+REQUIRE = os.environ.get("QAF_REQUIRE_BROWSER", "") not in ("", "0")
+FP32_TOP1 = 91.73
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    """The browser binary; skip (or fail under ``QAF_REQUIRE_BROWSER=1``) without one."""
+    try:
+        return require_chromium()
+    except BrowserNotFound as err:
+        if REQUIRE:
+            pytest.fail(f"QAF_REQUIRE_BROWSER=1 but {err}", pytrace=False)
+        pytest.skip(str(err))
+
+
+def write_job(job_dir: Path, method: str, bits: int, top1: float, bops_pct: float,
+              rate: float | None = None, seed: int = 0) -> None:
+    """A finished job as Hydra and the pipeline leave it: .hydra/ configs and metrics.json."""
+    overrides = [f"method={method}", f"bits={bits}", f"seed={seed}"]
+    config = {"bits": bits, "act_bits": 8, "rate": rate, "seed": seed}
+    (job_dir / ".hydra").mkdir(parents=True)
+    (job_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    (job_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    metrics = {"method": method, "model": "resnet20_cifar", "data": "cifar10_embedded",
+               "bits": bits, "act_bits": 8, "rate": rate, "seed": seed, "top1": top1,
+               "top5": min(100.0, top1 + 8), "fp32_top1": FP32_TOP1, "bops_pct": bops_pct,
+               "config": config}
+    (job_dir / "metrics.json").write_text(json.dumps(metrics))
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    """Float, PTQ W4A8, and ADMM-EPC W4A8 at rate 2.5 with two seeds (72.00 and 74.00)."""
+    root = tmp_path / "2024-01-01_00-00-00_browser"
+    write_job(root / "0", "fp32", 32, FP32_TOP1, 100.0)
+    write_job(root / "1", "ptq", 4, 85.25, 6.5)
+    write_job(root / "2", "admm_epc", 4, 72.0, 1.75, rate=2.5, seed=0)
+    write_job(root / "3", "admm_epc", 4, 74.0, 1.75, rate=2.5, seed=1)
+    return root
+
+
+class Tables(HTMLParser):
+    """Every ``<table>`` of a document as rows of cell texts (``th`` and ``td`` alike)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[list[list[str]]] = []
+        self._row: list[str] | None = None
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr" and self.tables:
+            self._row = []
+        elif tag in ("td", "th") and self._row is not None:
+            self._cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self._cell is not None and self._row is not None:
+            self._row.append(" ".join("".join(self._cell).split()))
+            self._cell = None
+        elif tag == "tr" and self._row is not None:
+            self.tables[-1].append(self._row)
+            self._row = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def column(header: list[str], name: str) -> int:
+    """The index of the column called ``name`` (exactly, else the first starting with it)."""
+    for i, text in enumerate(header):
+        if text == name:
+            return i
+    for i, text in enumerate(header):
+        if text.startswith(name):
+            return i
+    raise AssertionError(f"no {name!r} column in {header}")
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """Width and height from a PNG's IHDR chunk, after checking the signature."""
+    head = path.read_bytes()[:24]
+    assert head[:8] == PNG_MAGIC, f"{path} is not a PNG"
+    assert head[12:16] == b"IHDR"
+    return struct.unpack(">II", head[16:24])
+
+
+def test_rendered_table_has_the_rows(chromium: str, sweep: Path) -> None:
+    report = build_report([sweep], sweep)
+    dom = render_dom(report.files["index.html"])
+    parser = Tables()
+    parser.feed(dom)
+    (table,) = parser.tables
+    header, *body = table
+    method, top1 = column(header, "Method"), column(header, "Top-1")
+    assert [row[method] for row in body] == ["Float", "PTQ", "ADMM-EPC"]
+    # The first number of the cell: a spread or an interval may follow it.
+    tops = [float(row[top1].split()[0]) for row in body]
+    assert tops == pytest.approx([FP32_TOP1, 85.25, 73.0])
+    assert all(len(row) == len(header) for row in body)
+
+
+def test_screenshot_is_a_png_of_the_page(chromium: str, sweep: Path, tmp_path: Path) -> None:
+    page = build_report([sweep], sweep).files["index.html"]
+    fixed = screenshot(page, tmp_path / "fixed.png", width=900, height=700)
+    assert png_size(fixed) == (900, 700)
+    full = screenshot(page, tmp_path / "img" / "full.png", width=1000)
+    width, height = png_size(full)
+    # The whole page: title, table, the embedded Pareto plot (a few hundred pixels) and text.
+    assert width >= 1000 and 400 <= height <= 16384  # wider content widens it
+    assert full.stat().st_size > 10_000  # a plot and text, not a blank page
+
+
+def test_cli_refreshes_report_and_writes_png(chromium: str, sweep: Path, tmp_path: Path) -> None:
+    out = tmp_path / "docs" / "dashboard.png"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "screenshot_dashboard.py"),
+                           str(sweep), "--out", str(out), "--width", "800", "--height", "600"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (sweep / "index.html").is_file()
+    assert png_size(out) == (800, 600)
+
+
+def test_missing_browser_is_one_clear_line(monkeypatch: pytest.MonkeyPatch,
+                                           tmp_path: Path) -> None:
+    monkeypatch.setenv("QAF_CHROMIUM", str(tmp_path / "no-such-chromium"))
+    assert find_chromium() is None
+    with pytest.raises(BrowserNotFound) as err:
+        require_chromium()
+    message = str(err.value)
+    assert "\n" not in message
+    assert "apt-get install chromium" in message and "QAF_CHROMIUM" in message

@@ -196,6 +196,8 @@ def run(cfg: DictConfig) -> dict:
     output_dir = output_dir_of(cfg)
     chash = config_hash(cfg)
     writer = rank_zero_only.rank == 0
+    if not writer:  # DDP ranks > 0 run the same steps; rank 0 speaks and writes
+        log.setLevel(logging.WARNING)
     try:
         validate(cfg)
     except ConfigError as err:
@@ -214,7 +216,8 @@ def run(cfg: DictConfig) -> dict:
     loggers: list[Any] = []
     failed = False
     try:
-        return _run(cfg, output_dir, chash, stages, writer, loggers)
+        with lit.distributed_scope():
+            return _run(cfg, output_dir, chash, stages, writer, loggers)
     except BaseException as err:
         failed = True
         if writer:

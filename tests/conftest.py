@@ -30,3 +30,24 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 600):
     env = dict(os.environ, PYTHONPATH=str(ROOT), HYDRA_FULL_ERROR="0")
     return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def compose(*overrides: str):
+    """The composed config of ``python run.py OVERRIDES`` (Hydra's compose API on conf/)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import qaf.config  # noqa: F401  (registers the resolvers)
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))
+
+
+def run_inprocess(*overrides: str) -> dict:
+    """``qaf.pipeline.run`` on a composed config, in this process; outputs go to
+    ``multirun_outputs/<sweep_id>`` under the current directory (tests chdir to tmp_path)."""
+    from qaf.pipeline import run
+
+    return run(compose("logger=none", "progress=false", "cache.dir=.cache", *overrides))

@@ -20,6 +20,7 @@ import qaf.data.imagenet
 from qaf import lit
 from qaf.cache import FactorCache, tensor_digest
 from qaf.decomp import admm, cp, epc, qswd
+from qaf.quant import clip, uniform
 
 KEY = {"weight": "abc", "method": "admm", "rank": 3, "bits": 4, "seed": 0}
 SCHEMA = {"tensors": ["factor0"], "meta": ["iterations"]}
@@ -27,6 +28,7 @@ VERSIONS_FILE = Path(__file__).with_name("solver_versions.json")
 #: Modules whose results are cached, with the constant that versions them.
 VERSIONED = {"qaf.decomp.cp": (cp, "VERSION"), "qaf.decomp.epc": (epc, "VERSION"),
              "qaf.decomp.admm": (admm, "VERSION"), "qaf.decomp.qswd": (qswd, "VERSION"),
+             "qaf.quant.uniform": (uniform, "VERSION"), "qaf.quant.clip": (clip, "uniform.VERSION"),
              "qaf.lit": (lit, "EVAL_VERSION"), "qaf.data": (qaf.data, "lit.EVAL_VERSION"),
              "qaf.data.cifar10": (qaf.data.cifar10, "lit.EVAL_VERSION"),
              "qaf.data.imagenet": (qaf.data.imagenet, "lit.EVAL_VERSION")}
@@ -45,7 +47,8 @@ def code_digest(module) -> str:
 
 def version_of(name: str) -> int:
     module, attr = VERSIONED[name]
-    return lit.EVAL_VERSION if attr == "lit.EVAL_VERSION" else getattr(module, attr)
+    owner, _, attr = attr.rpartition(".")
+    return getattr({"lit": lit, "uniform": uniform}.get(owner, module), attr)
 
 
 def test_solver_code_changes_come_with_a_version_bump():

@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import qaf.config  # noqa: F401  (registers the resolvers)
 from qaf.config import ConfigError, config_hash, validate
@@ -110,6 +110,19 @@ def test_config_hash_ignores_execution_keys_but_not_results():
     for different in ("bits=6", "data.batch_size=128", "trainer.precision=bf16-mixed", "data.bn_transform=eval",
                       "protocol.bn_recalibration=false", "policy=qaf", "seed=1"):
         assert config_hash(base) != config_hash(compose_cfg("method=ptq", different)), different
+
+
+def test_job_folder_names_leave_out_every_execution_key():
+    from qaf.config import EXECUTION_KEYS
+
+    cfg = compose_cfg()
+    excluded = set(OmegaConf.load(CONF / "hydra" / "default.yaml").job.config.override_dirname.exclude_keys)
+    for key in EXECUTION_KEYS:
+        if key == "hydra":
+            continue
+        node = OmegaConf.select(cfg, key)
+        names = {key} if not isinstance(node, DictConfig) or key == "logger" else {f"{key}.{k}" for k in node}
+        assert names <= excluded, f"{sorted(names - excluded)} missing from conf/hydra/default.yaml exclude_keys"
 
 
 def test_sweep_ids_do_not_collide_within_a_second():

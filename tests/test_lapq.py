@@ -82,7 +82,7 @@ def test_powell_never_returns_a_loss_above_its_start(maxiter: int, caplog) -> No
     model = tiny_resnet()
     with caplog.at_level(logging.INFO, logger="qaf"):
         method = run(model, progress=True, maxiter=maxiter)
-    assert "lapq p-sweep 4/4" in caplog.text and "lapq Powell iteration 1" in caplog.text
+    assert "lapq p-sweep over 4 p in [2, 4]" in caplog.text and "lapq Powell iteration 1" in caplog.text
     s = method.summary
     assert s["loss_final"] <= s["loss_p_star"]
     assert s["loss_evaluations"] > 1 + s["n_clips"]  # Powell really searched

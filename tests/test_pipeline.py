@@ -1,13 +1,20 @@
-"""`python run.py` end to end on the embedded default (subprocesses, as a user runs it)."""
+"""One run end to end: `python run.py` as users run it, and the pipeline in-process for the protocol,
+determinism, failures and output folders."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
-from conftest import run_cli
+from conftest import run_cli, run_inprocess
+from qaf import lit
+from qaf.config import ConfigError
+
+TINY = ("data.eval_samples=200", "data.calib_samples=64", "cache.enabled=false")
 
 
 def metrics_files(root: Path) -> list[Path]:
@@ -19,33 +26,43 @@ def load_single(root: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def test_fp32_scores_the_published_91_73(tmp_path: Path):
+def test_fp32_scores_the_published_91_73_on_the_full_test_set(tmp_path: Path):
     result = run_cli(["method=fp32", "logger=csv", "progress=false"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = load_single(tmp_path)
-    assert round(metrics["top1"], 2) == 91.73  # 776 of the 846 lossless test images
-    assert metrics["fp32_top1"] == metrics["top1"]
-    assert metrics["bops_pct"] == pytest.approx(100.0)
-    assert metrics["macs"] == metrics["fp32_macs"] > 40_000_000  # ResNet-20 is about 41M MACs
-    required = {"method", "model", "data", "bits", "act_bits", "rate", "seed", "top1", "top5", "fp32_top1",
-                "macs", "fp32_macs", "bops", "bops_pct", "params", "compressed_bits", "layers", "timings"}
-    assert required <= set(metrics)
-    assert metrics["model"] == "resnet20_cifar" and metrics["data"] == "cifar10_embedded"
+    assert metrics["top1"] == 91.73 and metrics["eval_samples"] == 10_000  # 9,173 of 10,000
+    low, high = metrics["top1_ci95"]
+    assert 91.1 < low < 91.73 < high < 92.3
+    assert metrics["fp32_top1"] == metrics["top1"] and metrics["vs_fp32"]["diff"] == 0
+    assert metrics["bops_pct"] == pytest.approx(100.0) and metrics["bops_pct_paper"] == 100.0
+    assert metrics["compression_ratio"] == 1.0 and metrics["size_bytes"] == metrics["fp32_size_bytes"]
+    assert metrics["protocol"]["bn_recalibration"] is False  # nothing changed the float weights
+    assert metrics["code"]["git_commit"] and isinstance(metrics["code"]["git_dirty"], bool)
+    assert metrics["packages"]["torch"] == torch.__version__.split("+")[0]
+    predictions = np.load(next(tmp_path.glob("multirun_outputs/*/predictions.npz")))
+    correct = np.unpackbits(predictions["correct1"])[: int(predictions["n"])]
+    assert correct.sum() == 9173
     assert list(tmp_path.glob("multirun_outputs/*/csv/*/metrics.csv"))
+    assert not list(tmp_path.glob("multirun_outputs/*/running.json"))
 
 
-def test_ptq_run_logs_to_wandb_offline(tmp_path: Path):
-    args = ["method=ptq", "bits=8", "sweep_id=ptq8", "data.eval_samples=128", "data.calib_samples=128",
+def test_ptq_run_logs_to_wandb_offline_and_records_its_protocol(tmp_path: Path):
+    args = ["method=ptq", "bits=8", "sweep_id=ptq8", "data.eval_samples=500", "data.calib_samples=128",
             "progress=false"]
     result = run_cli(args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "multirun_outputs" / "ptq8"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["method"] == "ptq" and metrics["bits"] == 8
+    assert metrics["method"] == "ptq" and metrics["bits"] == 8 and metrics["policy"] == "uniform"
+    assert metrics["protocol"] == {"bn_recalibration": True, "calib_samples": 128, "calib_split": "train",
+                                   "bn_transform": "train", "calib_transform": "eval", "eval_samples": 500,
+                                   "policy": metrics["protocol"]["policy"], "finetune": None}
     assert 0 < metrics["bops_pct"] < 100 * 64 / 1024 + 1e-9  # every layer at 8x8 bits or less
+    assert metrics["bops_pct_paper"] == pytest.approx(100 * 8 * 8 / 1024)
     assert metrics["layers"] and all("name" in layer for layer in metrics["layers"])
-    assert abs(metrics["top1"] - metrics["fp32_top1"]) < 5
+    assert abs(metrics["top1"] - metrics["fp32_top1"]) < 2
     assert list(out.glob("wandb/offline-run-*/run-*.wandb")), "W&B offline run missing"
+    assert "result: top-1" in result.stdout + result.stderr  # the one-line result of a single run
 
 
 def test_failed_run_leaves_no_metrics(tmp_path: Path):
@@ -54,6 +71,8 @@ def test_failed_run_leaves_no_metrics(tmp_path: Path):
     assert result.returncode == 2
     assert "model.checkpoint" in result.stderr and "Traceback" not in result.stderr
     assert not metrics_files(tmp_path)
+    (failed,) = tmp_path.glob("multirun_outputs/*/failed.json")
+    assert json.loads(failed.read_text())["stage"] == "setup"
 
 
 def test_imagenet_folders_and_torchvision_resnet18_end_to_end(tmp_path: Path, shared_data: Path):
@@ -68,3 +87,104 @@ def test_imagenet_folders_and_torchvision_resnet18_end_to_end(tmp_path: Path, sh
     assert metrics["data"] == "imagenet" and metrics["model"] == "resnet18"
     assert metrics["fp32_macs"] == 1_819_040_768
     assert metrics["bops_pct"] < 100 * 64 / 1024 + 1e-9
+
+
+# --- in-process ---------------------------------------------------------------------------------
+
+FAMILIES = {
+    "fp32": ["method=fp32"],
+    "ptq": ["method=ptq", "method.per_channel=true"],
+    "lapq": ["method=lapq", "bits=4", "act_bits=4", "method.calib_samples=32", "method.p_count=3",
+             "method.maxiter=0", "method.batch_size=32"],
+    "cpd_epc": ["method=cpd_epc", "method.include=[layer3.*]", "method.als_iters=5", "method.epc_iters=5",
+                "method.epc_min_iters=2"],
+    "admm": ["method=admm", "method.include=[layer2.0.*]", "method.admm_outer=2"],
+    "qswd": ["method=qswd", "method.include=[layer3.2.*]", "method.max_iter=20", "finetune.steps=3",
+             "finetune.samples=256", "finetune.batch_size=64"],
+}
+VOLATILE = ("timings", "finetune_summary")  # wall-clock seconds
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_same_config_twice_gives_identical_metrics(family: str, tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = run_inprocess(*FAMILIES[family], *TINY, "sweep_id=a")
+    second = run_inprocess(*FAMILIES[family], *TINY, "sweep_id=b")
+    differs = [k for k in first if k not in VOLATILE + ("sweep_id", "layers", "method_summary")
+               and first[k] != second[k]]
+    assert not differs, {k: (first[k], second[k]) for k in differs}
+    strip = ("seconds", "cached")
+    assert [{k: v for k, v in layer.items() if k not in strip} for layer in first["layers"]] == \
+        [{k: v for k, v in layer.items() if k not in strip} for layer in second["layers"]]
+    a, b = (np.load(tmp_path / "multirun_outputs" / s / "predictions.npz") for s in ("a", "b"))
+    assert np.array_equal(a["correct1"], b["correct1"])
+
+
+def test_a_folder_holding_another_configs_results_is_refused_or_moved_aside(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = run_inprocess("method=ptq", *TINY, "sweep_id=shared")
+    with pytest.raises(ConfigError, match=r"sweep_id=shared: .* another config .*overwrite=true"):
+        run_inprocess("method=ptq", "bits=8", *TINY, "sweep_id=shared")
+    folder = tmp_path / "multirun_outputs" / "shared"
+    assert json.loads((folder / "metrics.json").read_text())["config_hash"] == first["config_hash"]
+    second = run_inprocess("method=ptq", "bits=8", *TINY, "sweep_id=shared", "overwrite=true")
+    (kept,) = folder.glob(".replaced/*/metrics.json")
+    assert json.loads(kept.read_text())["config_hash"] == first["config_hash"]
+    assert json.loads((folder / "metrics.json").read_text())["config_hash"] == second["config_hash"]
+
+
+@pytest.mark.parametrize("content", ["[]", "null", "{}", '{"top1": NaN}', '{"method": "ptq"'])
+def test_a_damaged_metrics_json_is_set_aside_and_the_run_repeated(content: str, tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "multirun_outputs" / "damaged"
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(content)
+    metrics = run_inprocess("method=fp32", *TINY, "sweep_id=damaged")
+    assert json.loads((folder / "metrics.json").read_text())["top1"] == metrics["top1"]
+    (kept,) = folder.glob(".replaced/*/metrics.json")
+    assert kept.read_text() == content
+
+
+def test_metrics_json_is_strict_json(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_inprocess("method=ptq", *TINY, "sweep_id=strict")
+    text = (tmp_path / "multirun_outputs" / "strict" / "metrics.json").read_text()
+    json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in metrics.json"))
+
+
+def test_an_exception_writes_failed_json_with_its_stage_and_no_metrics(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("evaluation exploded")
+
+    monkeypatch.setattr(lit, "evaluate", broken)
+    with pytest.raises(RuntimeError, match="exploded"):
+        run_inprocess("method=ptq", *TINY, "sweep_id=boom")
+    folder = tmp_path / "multirun_outputs" / "boom"
+    failed = json.loads((folder / "failed.json").read_text())
+    assert failed["error_type"] == "RuntimeError" and failed["stage"] == "fp32_eval"
+    assert failed["message"] == "evaluation exploded" and len(failed["config_hash"]) == 16
+    assert not (folder / "metrics.json").exists() and not (folder / "running.json").exists()
+
+
+@pytest.mark.parametrize("method", ["fp32", "ptq", "lapq", "cpd"])
+def test_non_finite_weights_are_a_config_error_for_every_method(method: str, tmp_path: Path, monkeypatch):
+    from qaf.models.cifar_resnet import build
+
+    monkeypatch.chdir(tmp_path)
+    state = build(20).state_dict()
+    state["layer2.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.th")
+    with pytest.raises(ConfigError, match=r"model.checkpoint: tensor layer2.0.conv1.weight holds NaN"):
+        run_inprocess(f"method={method}", f"model.checkpoint={tmp_path / 'nan.th'}", *TINY, "sweep_id=nan")
+
+
+def test_float_accuracy_cache_is_keyed_by_precision(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    common = ("method=ptq", "data.eval_samples=500", "data.calib_samples=64", "cache.dir=cache")
+    bf16 = run_inprocess(*common, "trainer.precision=bf16-mixed", "sweep_id=bf16")
+    fp32 = run_inprocess(*common, "sweep_id=fp32")
+    plain = run_inprocess(*common, "cache.enabled=false", "sweep_id=plain")
+    assert fp32["fp32_top1"] == plain["fp32_top1"]  # not the bf16 figure served from the cache
+    assert bf16["config_hash"] != fp32["config_hash"]

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -18,7 +21,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from qaf.report import build_report
-from qaf.report.collect import FAILED, NOT_STARTED, OK, collect_sweep
+from qaf.report.collect import FAILED, KILLED, NOT_STARTED, OK, collect_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.eval_samples=64", "data.calib_samples=64", "logger=csv", "progress=false"]
@@ -87,17 +90,50 @@ def test_rerun_skips_finished_jobs_and_reruns_killed_one(sweep: Path) -> None:
     assert "skipped" not in (sweep / killed / "run.log").read_text()
 
 
-def test_failed_job_and_unstarted_jobs_are_listed(tmp_path: Path) -> None:
+def test_a_failed_job_does_not_stop_the_sweep_and_is_reported(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
-    # bits=1 is rejected before any work; the sequential sweep stops there.
+    # bits=1 is rejected before any work and recorded in failed.json; the sweep goes on, then
+    # exits non-zero after printing its table.
     proc = run_qaf(["method=fp32", "bits=4,1,8", *TINY], sweep_dir)
     assert proc.returncode != 0
+    assert "| Float |" in proc.stdout and "failed" in proc.stdout + proc.stderr
     jobs = {j.setting("bits"): j for j in collect_sweep(sweep_dir)}
-    assert jobs[4].status == OK
+    assert jobs[4].status == OK and jobs[8].status == OK
     assert jobs[1].status == FAILED and "bits" in jobs[1].error
+    failed = json.loads((jobs[1].path / "failed.json").read_text())
+    assert failed["error_type"] == "ConfigError" and failed["stage"] == "validate"
+    shutil.rmtree(jobs[8].path)  # a job the sweep never got to
+    jobs = {j.setting("bits"): j for j in collect_sweep(sweep_dir)}
     assert jobs[8].status == NOT_STARTED and jobs[8].path is None
     report = build_report([sweep_dir], sweep_dir)
-    assert "failed: " in report.markdown and "not started: " in report.markdown
+    assert "failed" in report.markdown and "not started" in report.markdown
+
+
+def test_resume_skips_finished_jobs_whatever_the_execution_settings(sweep: Path) -> None:
+    files = metrics_files(sweep)
+    before = {name: p.stat().st_mtime_ns for name, p in files.items()}
+    # another machine: two devices, CPU solvers, loader workers, progress bars; same results
+    proc = run_qaf(["method=fp32,ptq", "bits=4,8", *TINY, "trainer.devices=2", "device=cpu", "data.num_workers=1",
+                    "progress=true"], sweep)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {name: p.stat().st_mtime_ns for name, p in metrics_files(sweep).items()} == before
+
+
+def test_a_killed_job_leaves_no_metrics_and_is_reported_killed(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cmd = [sys.executable, "run.py", "method=cpd", "logger=none", "progress=false", "data.eval_samples=64",
+           "data.calib_samples=64", f"hydra.run.dir={out}", f"cache.dir={tmp_path / 'cache'}"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "running.json").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert (out / "running.json").exists(), "the run never started"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (out / "metrics.json").exists() and not (out / "failed.json").exists()
+    (job,) = collect_sweep(out)
+    assert job.status == KILLED
 
 
 def test_joblib_launcher_two_jobs(tmp_path: Path) -> None:
@@ -130,12 +166,21 @@ def hydra_conf() -> Iterator[None]:
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_composes_as_a_sweep(name: str, hydra_conf: None) -> None:
+    from hydra_plugins.qaf_grid_sweeper.expand import expand_grid
+    from omegaconf import OmegaConf
+
     cfg = compose("config", overrides=[f"experiment={name}"], return_hydra_config=True)
     assert cfg.hydra.mode.name == "MULTIRUN"
-    params = cfg.hydra.sweeper.params
-    assert params and "method" in params
-    for method in str(params.method).split(","):
-        assert (REPO / "conf" / "method" / f"{method.strip()}.yaml").is_file(), method
+    sweeper = OmegaConf.to_container(cfg.hydra.sweeper)
+    params = {k: str(v) for k, v in (sweeper.get("params") or {}).items()}
+    jobs = expand_grid(sweeper["grid"], params, []) if sweeper.get("grid") else expand_grid([params], None, [])
+    assert jobs
+    for job in jobs:  # every job composes and names an existing method
+        overrides = [f"experiment={name}", *job]
+        job_cfg = compose("config", overrides=overrides)
+        method = next(o.split("=", 1)[1] for o in job if o.startswith("method="))
+        assert (REPO / "conf" / "method" / f"{method}.yaml").is_file(), method
+        assert job_cfg.method._target_
 
 
 def test_paper_experiments_share_one_sweep_and_paper_numbers(hydra_conf: None) -> None:
@@ -147,3 +192,40 @@ def test_paper_experiments_share_one_sweep_and_paper_numbers(hydra_conf: None) -
     assert cfg.hydra.runtime.choices.model == "resnet18"
     assert cfg.hydra.runtime.choices.data == "imagenet"
     assert (REPO / "experiments" / "paper_resnet18_imagenet.paper.csv").is_file()
+
+
+def read_wandb_run(path: Path) -> dict:
+    """Config and summary of an offline W&B run, read from its .wandb log (``wandb leet inspect``)."""
+    out = subprocess.run(["wandb", "leet", "inspect", "--json", str(path)], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    run: dict = {"summary": {}}
+    for line in out.splitlines():
+        record = json.loads(line)
+        if record.get("type") == "run":
+            run.update(id=record["run"]["run_id"], group=record["run"].get("run_group"),
+                       job_type=record["run"].get("job_type"), config=record["run"]["config"]["update"])
+        elif record.get("type") == "summary":
+            run["summary"].update(record["summary"].get("update", {}))
+    return run
+
+
+def test_each_job_of_a_one_process_sweep_is_its_own_wandb_run(tmp_path: Path) -> None:
+    # The basic launcher runs every job in this one process with the default logger (W&B offline):
+    # each job must get, and finish, its own run.
+    sweep_dir = tmp_path / "sweep"
+    cmd = [sys.executable, "run.py", "-m", "method=ptq", "bits=4,6,8", "data.eval_samples=64",
+           "data.calib_samples=64", "sweep_id=wb", f"hydra.sweep.dir={sweep_dir}", f"cache.dir={tmp_path / 'cache'}"]
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("wrote ")  # the sweep table, then its files
+    assert "| PTQ |" in proc.stdout and "[" in proc.stdout  # rows with intervals
+    assert "anonymous" not in proc.stdout + proc.stderr and "wandb: " not in proc.stdout + proc.stderr
+    runs = sorted(sweep_dir.glob("*/wandb/offline-run-*/run-*.wandb"))
+    assert len(runs) == 3
+    seen = [read_wandb_run(p) for p in runs]
+    assert len({r["id"] for r in seen}) == 3
+    for path, run in zip(runs, seen):
+        metrics = json.loads((path.parents[3] / "metrics.json").read_text())
+        assert run["config"]["bits"] == metrics["bits"] and run["summary"]["top1"] == metrics["top1"]
+        assert run["group"] == "wb" and run["job_type"] == "ptq"

@@ -34,6 +34,7 @@ from qaf.methods.base import CompressContext, Method, decomposable_convs
 from qaf.quant.clip import CLIP_RULES
 from qaf.quant.modules import quantize_model, set_submodule
 from qaf.quant.policy import LayerPolicy, layer_plan
+from qaf.quant.uniform import VERSION as QUANT_VERSION
 from qaf.quant.uniform import Grid, make_grid
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -173,7 +174,7 @@ class CPMethod(Method):
             grids = [self.grid_factory(f) for f in start]
             factors = [g(f) for g, f in zip(grids, start)]
         else:
-            key = {**start_key, "stage": "admm", "version": admm_module.VERSION, "bits": self.bits,
+            key = {**start_key, "stage": "admm", "version": admm_module.VERSION, "grids": QUANT_VERSION, "bits": self.bits,
                    "symmetric": self.symmetric, "clip": self.clip, "p": self.p, "admm": self.admm}
 
             def run_admm() -> tuple[dict[str, Tensor], dict[str, Any]]:

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import minimize
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from qaf.config import ConfigError, check_bool, check_choice, check_int, check_number
 from qaf.methods.base import CompressContext, Method
@@ -46,8 +47,6 @@ from qaf.quant.uniform import make_grid, symmetric_grid, unsigned_grid
 
 WEIGHT_GRIDS = ("zero_free", "symmetric")
 PLACEMENTS = ("relu", "input")
-#: Log a progress line every this many loss evaluations (Powell runs hundreds).
-LOG_EVERY = 25
 
 
 @dataclass
@@ -144,14 +143,17 @@ class LAPQ(Method):
         owners = [[name] for name in layers] + [slot.owners for slot in slots]
         memo = BlockMemo(model, owners, batches[0][0]) if self.reuse_blocks else None
 
+        # Powell runs hundreds of loss evaluations: a progress bar, not a line each.
+        bar = tqdm(desc="lapq loss evaluations", unit="eval", disable=not ctx.progress, leave=False, mininterval=2)
+
         def loss_at(alphas: np.ndarray) -> float:
             self._apply(layers, slots, alphas)
             loss = calibration_loss(model, batches, memo, alphas)
             evals["n"] += 1
             if loss < best["loss"]:
                 best["loss"], best["x"] = loss, np.array(alphas, dtype=np.float64)
-            if evals["n"] % LOG_EVERY == 0:
-                ctx.log("lapq evaluation %d: loss=%.4f best=%.4f", evals["n"], loss, best["loss"])
+            bar.update()
+            bar.set_postfix(best=f"{best['loss']:.4f}", refresh=False)
             return loss
 
         try:
@@ -161,10 +163,9 @@ class LAPQ(Method):
                     len(layers), len(slots), self.placement, loss_max)
 
             ps = np.linspace(self.p_min, self.p_max, self.p_count)
-            sweep = []
-            for i, p in enumerate(ps):
-                sweep.append(loss_at(lp_clips(float(p))))
-                ctx.log("lapq p-sweep %d/%d: p=%.3f loss=%.4f", i + 1, len(ps), p, sweep[-1])
+            sweep = [loss_at(lp_clips(float(p))) for p in ps]
+            ctx.log("lapq p-sweep over %d p in [%g, %g]: losses %s", len(ps), ps[0], ps[-1],
+                    " ".join(f"{v:.4f}" for v in sweep))
             p_star, fit, fallback = fit_p_star(ps, np.array(sweep))
             if fallback:
                 ctx.log("lapq: quadratic fit unusable (%s); p*=%.3f (best swept p)", fallback, p_star)
@@ -189,6 +190,7 @@ class LAPQ(Method):
             final = best["x"]
             loss_final = loss_at(final)  # re-applies the best clips to the model
         finally:
+            bar.close()
             if memo is not None:
                 memo.close()
         for slot in slots:

@@ -26,6 +26,7 @@ from qaf.methods.base import CompressContext, Method, decomposable_convs
 from qaf.quant.clip import CLIP_RULES
 from qaf.quant.modules import ActQuantizer, QuantInput, quantize_model, set_submodule
 from qaf.quant.policy import layer_plan
+from qaf.quant.uniform import VERSION as QUANT_VERSION
 from qaf.quant.uniform import Grid
 
 INITS = ("svd", "kmeans", "random", "kmeans++")
@@ -134,7 +135,7 @@ class QSWD(Method):
         s = min(self.sparsity, k)
         options = {"dict_bits": self.dict_bits, "code_bits": self.code_bits, "unit_codes": self.unit_codes,
                    "init": self.init, "max_iter": self.max_iter, "tol": self.tol, "patience": self.patience}
-        key = {"stage": "qswd", "version": qswd_module.VERSION, "weight": tensor_digest(conv.weight),
+        key = {"stage": "qswd", "version": qswd_module.VERSION, "grids": QUANT_VERSION, "weight": tensor_digest(conv.weight),
                "block": self.block, "k": k, "s": s, **options, "dtype": "float32", "device": ctx.device.type,
                "seed": ctx.seed}
         cache = ctx.cache if ctx.cache is not None else FactorCache("", enabled=False)

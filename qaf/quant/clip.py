@@ -77,9 +77,11 @@ def lp_error(grid: "Grid", x: Tensor, p: float) -> Tensor:
         Error with the last dimension reduced.
     """
     diff = (grid(x) - x).abs_()
+    # Accumulate in float64: the search compares these errors, and float32 sums depend on the
+    # thread count (a DDP rank runs with fewer threads), which would flip near-ties.
     if p == 2.0:
-        return diff.square_().mean(-1)
-    return diff.pow_(p).mean(-1)
+        return diff.square_().mean(-1, dtype=torch.float64)
+    return diff.pow_(p).mean(-1, dtype=torch.float64)
 
 
 def search_fraction(

@@ -1,14 +1,17 @@
-"""A static page per sweep: the table, the plot embedded as data (no external files, no scripts,
-opens offline), and every job without results."""
+"""A static page per sweep: the table and its notes, the plot embedded as data (no external files,
+no scripts, opens offline), the matched-cost tables when two or more methods are reported, and
+every job without results."""
 
 from __future__ import annotations
 
 import base64
 import html
 from pathlib import Path
+from typing import Sequence
 
 from qaf.report.collect import OK, Job
-from qaf.report.tables import Row, problem_jobs, problem_line, table_cells
+from qaf.report.pareto import AXES, count_methods, matched_cost, matched_table
+from qaf.report.tables import BOPS_NOTES, Row, Table, main_table, problem_jobs, problem_line
 
 _STYLE = """
 body { font-family: sans-serif; margin: 2em; }
@@ -16,54 +19,80 @@ table { border-collapse: collapse; margin: 1em 0; }
 th, td { border-bottom: 1px solid #ccc; padding: 0.3em 0.8em; text-align: right; }
 th { border-bottom: 2px solid #333; }
 td.text, th.text { text-align: left; }
-tr.float td { font-weight: bold; }
-li.failed { color: #a00; }
+tr.float td, tr.best td { font-weight: bold; }
+p.note { font-size: small; color: #444; margin: 0.2em 0; }
+li.problem { color: #a00; }
+img { max-width: 100%; }
 """
 
 
-def render_html(rows: list[Row], jobs: list[Job], title: str, plot_png: Path | None) -> str:
+def html_table(table: Table) -> list[str]:
+    """A :class:`qaf.report.tables.Table` as HTML (bold rows by class), then its notes."""
+    esc = html.escape
+
+    def cls(i: int) -> str:
+        return "text" if i < table.n_text else "num"
+
+    parts = ["<table><thead><tr>"]
+    parts += [f"<th class='{cls(i)}'>{esc(h)}</th>" for i, h in enumerate(table.header)]
+    parts.append("</tr></thead><tbody>")
+    for cells, bold, is_float in zip(table.body, table.bold, table.float_rows):
+        row_cls = " class='best'" if bold else (" class='float'" if is_float else "")
+        tds = "".join(f"<td class='{cls(i)}'>{esc(c)}</td>" for i, c in enumerate(cells))
+        parts.append(f"<tr{row_cls}>{tds}</tr>")
+    parts.append("</tbody></table>")
+    parts += [f"<p class='note'>{esc(note)}</p>" for note in table.notes]
+    return parts
+
+
+def _matched_cost_section(rows: Sequence[Row]) -> list[str]:
+    if count_methods(rows) < 2:
+        return []
+    parts = ["<h2>Matched cost</h2>"]
+    for axis in AXES:
+        for mc in matched_cost(rows, axis):
+            what = "%BOPs" if axis == "bops" else "model size"
+            parts.append(f"<h3>{html.escape(f'{mc.model} / {mc.data}: by {what}')}</h3>")
+            parts += html_table(matched_table(mc))
+    return parts
+
+
+def render_html(rows: Sequence[Row], jobs: Sequence[Job], title: str, plot_png: Path | None,
+                bops_text: str = BOPS_NOTES["qaf"]) -> str:
     """Build the page.
 
     Parameters
     ----------
-    rows : list[Row]
+    rows : Sequence[Row]
         From :func:`qaf.report.tables.aggregate`.
-    jobs : list[Job]
+    jobs : Sequence[Job]
         All jobs (problem ones are listed).
     title : str
         Page title.
     plot_png : Path | None
         ``pareto.png`` to embed, if written.
+    bops_text : str
+        The %BOPs sentence (:func:`qaf.report.tables.bops_note`).
 
     Returns
     -------
     str
         A complete HTML document.
     """
-    header, body = table_cells(rows)
-    n_text = header.index("rate")
     esc = html.escape
     parts = ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'>",
-             f"<title>{esc(title)}</title><style>{_STYLE}</style></head><body>",
-             f"<h1>{esc(title)}</h1>", "<table><thead><tr>"]
-    parts += [f"<th class='{'text' if i < n_text else 'num'}'>{esc(h)}</th>"
-              for i, h in enumerate(header)]
-    parts.append("</tr></thead><tbody>")
-    for row, cells in zip(rows, body):
-        cls = " class='float'" if row.method == "fp32" else ""
-        tds = "".join(f"<td class='{'text' if i < n_text else 'num'}'>{esc(c)}</td>"
-                      for i, c in enumerate(cells))
-        parts.append(f"<tr{cls}>{tds}</tr>")
-    parts.append("</tbody></table>")
+             f"<title>{esc(title)}</title><style>{_STYLE}</style></head><body>", f"<h1>{esc(title)}</h1>"]
+    parts += html_table(main_table(rows, bops_text))
     ok = sum(j.status == OK for j in jobs)
     parts.append(f"<p>{ok} of {len(jobs)} jobs finished.</p>")
     if plot_png is not None and Path(plot_png).is_file():
         data = base64.b64encode(Path(plot_png).read_bytes()).decode("ascii")
-        parts.append(f"<img alt='top-1 against %BOPs' src='data:image/png;base64,{data}'>")
+        parts.append(f"<img alt='top-1 against %BOPs and model size' src='data:image/png;base64,{data}'>")
+    parts += _matched_cost_section(rows)
     problems = problem_jobs(jobs)
     if problems:
         parts.append("<h2>Jobs without results</h2><ul>")
-        parts += [f"<li class='failed'>{esc(problem_line(j))}</li>" for j in problems]
+        parts += [f"<li class='problem'>{esc(problem_line(j))}</li>" for j in problems]
         parts.append("</ul>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"

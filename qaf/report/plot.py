@@ -1,38 +1,48 @@
-"""The accuracy-vs-cost plot: top-1 against %BOPs, one series per method (per method and
-activation bits when several are swept), each point labelled with its weight bits and rate, the
-float model as a horizontal line, the paper's points (when known) as hollow markers."""
+"""The accuracy-vs-cost plot ``pareto.png``: per (model, data) two panels, top-1 against %BOPs
+and top-1 against model size (log scale). One series per method (see
+:func:`qaf.report.pareto.series_names`), each point labelled with its bits and rate and drawn with
+its 95 % interval (one seed) or standard deviation (seeds); the float model as a horizontal line;
+the paper's points (when known) hollow; the overall Pareto frontier of our points as a step line."""
 
 from __future__ import annotations
 
 import os
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only: works on headless machines and inside launchers
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
-from qaf.report.tables import FLOAT_METHOD, Row  # noqa: E402
+from qaf.report.pareto import pareto_front, series_names  # noqa: E402
+from qaf.report.tables import Row  # noqa: E402
+
+#: Panels: x label, x scale, our x value of a row (size in kB), the paper's x value.
+_PANELS: tuple[tuple[str, str, Callable[[Row], float | None], Callable[[Row], float | None]], ...] = (
+    ("%BOPs of the float model", "linear", lambda r: r.bops_pct, lambda r: r.paper_bops_pct),
+    ("model size (kB, log scale)", "log", lambda r: None if r.size_bytes is None else r.size_bytes / 1e3,
+     lambda r: None),
+)
 
 
-def _series(rows: list[Row]) -> dict[str, list[Row]]:
-    """Rows grouped by method (and activation bits if they vary), each series sorted by %BOPs."""
-    compressed = [r for r in rows if r.method != FLOAT_METHOD]
-    several_a = len({r.a_bits for r in compressed}) > 1
+def _series(rows: Sequence[Row]) -> dict[str, list[Row]]:
+    """Compressed rows grouped by series, in name order."""
     series: dict[str, list[Row]] = defaultdict(list)
-    for row in compressed:
-        series[f"{row.label} a{row.a_bits}" if several_a else row.label].append(row)
-    return {name: sorted(rs, key=lambda r: r.bops_pct or r.paper_bops_pct or 0.0)
-            for name, rs in sorted(series.items())}
+    for row, name in zip(rows, series_names(rows)):
+        if not row.is_float:
+            series[name].append(row)
+    return dict(sorted(series.items()))
 
 
-def plot_pareto(rows: list[Row], path: Path, title: str) -> Path:
-    """Write ``pareto.png``: top-1 against %BOPs, one panel per (model, data).
+def plot_pareto(rows: Sequence[Row], path: Path, title: str) -> Path:
+    """Write ``pareto.png``: one row of two panels per (model, data).
 
     Parameters
     ----------
-    rows : list[Row]
+    rows : Sequence[Row]
         From :func:`qaf.report.tables.aggregate`.
     path : Path
         Output PNG file.
@@ -44,49 +54,81 @@ def plot_pareto(rows: list[Row], path: Path, title: str) -> Path:
     Path
         ``path``.
     """
-    panels = sorted({r.key[:2] for r in rows}) or [("", "")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(9.0 * len(panels), 5.0), squeeze=False)
-    for ax, (model, data) in zip(axes[0], panels):
-        panel_rows = [r for r in rows if r.key[:2] == (model, data)]
-        _draw_panel(ax, panel_rows)
-        ax.set_title(f"{model} / {data}" if model else "")
+    pairs = sorted({r.key[:2] for r in rows}) or [("", "")]
+    fig, axes = plt.subplots(len(pairs), len(_PANELS), figsize=(15.0, 4.8 * len(pairs)), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    names = sorted(_series(rows))
+    color_of = {name: colors[i % len(colors)] for i, name in enumerate(names)}
+    for ax_row, (model, data) in zip(axes, pairs):
+        pair_rows = [r for r in rows if r.key[:2] == (model, data)]
+        for ax, panel in zip(ax_row, _PANELS):
+            _draw_panel(ax, pair_rows, panel, color_of)
+            ax.set_title(f"{model} / {data}" if model else "")
     fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # readers never see half a PNG
-    fig.savefig(tmp, dpi=120, format="png")
+    fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     os.replace(tmp, path)
     return path
 
 
-def _draw_panel(ax: plt.Axes, rows: list[Row]) -> None:
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (name, series) in enumerate(_series(rows).items()):
-        color = colors[i % len(colors)]
-        ours = [r for r in series if r.top1 is not None and r.bops_pct is not None]
-        if ours:
-            ax.errorbar([r.bops_pct for r in ours], [r.top1 for r in ours],
-                        yerr=[r.top1_std or 0.0 for r in ours], marker="o", color=color,
-                        capsize=3, label=name)
-            for r in ours:  # which bit width / rate each point is
-                text = f"w{r.w_bits}" + (f" r{r.rate:g}" if r.rate is not None else "")
-                ax.annotate(text, (r.bops_pct, r.top1), textcoords="offset points", xytext=(4, 4),
-                            fontsize="x-small", color=color)
-        paper = [r for r in series if r.paper_top1 is not None and r.paper_bops_pct is not None]
-        if paper:
-            ax.plot([r.paper_bops_pct for r in paper], [r.paper_top1 for r in paper],
-                    marker="o", markerfacecolor="none", linestyle="--", color=color,
-                    label=f"{name} (paper)")
+def _yerr(rows: Sequence[Row]) -> list[list[float]]:
+    """Asymmetric error bars: the Wilson interval of a single seed, the std over seeds."""
+    low, high = [], []
     for r in rows:
-        if r.method == FLOAT_METHOD and r.top1 is not None:
-            ax.axhline(r.top1, color="black", linestyle=":", label=f"Float {r.top1:.2f}")
-        if r.method == FLOAT_METHOD and r.paper_top1 is not None:
-            ax.axhline(r.paper_top1, color="gray", linestyle=":",
-                       label=f"Float {r.paper_top1:.2f} (paper)")
-    ax.set_xlabel("%BOPs of the float model")
+        if r.top1_ci is not None and r.seeds <= 1:
+            low.append(max(0.0, r.top1 - r.top1_ci[0]))  # type: ignore[operator]
+            high.append(max(0.0, r.top1_ci[1] - r.top1))  # type: ignore[operator]
+        else:
+            low.append(r.top1_std or 0.0)
+            high.append(r.top1_std or 0.0)
+    return [low, high]
+
+
+def _draw_panel(ax: plt.Axes, rows: Sequence[Row], panel: tuple, color_of: dict[str, str]) -> None:
+    xlabel, scale, ours_x, paper_x = panel
+    for name, series in _series(rows).items():
+        color = color_of.get(name, "gray")
+        ours = sorted((r for r in series if r.ours and ours_x(r) is not None), key=ours_x)
+        if ours:
+            ax.errorbar([ours_x(r) for r in ours], [r.top1 for r in ours], yerr=_yerr(ours), marker="o",
+                        color=color, capsize=3, label=name)
+            for r in ours:  # which bit widths / rate each point is
+                text = f"w{r.w_bits}a{r.a_bits}" + (f" r{r.rate:g}" if r.rate is not None else "")
+                ax.annotate(text, (ours_x(r), r.top1), textcoords="offset points", xytext=(4, 4),
+                            fontsize="x-small", color=color)
+        paper = sorted((r for r in series if r.paper_top1 is not None and paper_x(r) is not None), key=paper_x)
+        if paper:
+            ax.plot([paper_x(r) for r in paper], [r.paper_top1 for r in paper], marker="o",
+                    markerfacecolor="none", linestyle="none", color=color, label=f"{name} (paper)")
+    _draw_frontier(ax, rows, ours_x)
+    _draw_float(ax, rows)
+    ax.set_xscale(scale)
+    if scale == "log":  # plain numbers (150, 200), not 1.5x10^2
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("Top-1 accuracy (%)")
     ax.grid(True, alpha=0.3)
     if ax.has_data():
         # Outside the axes: a sweep has many series and the legend must not hide points.
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+
+
+def _draw_frontier(ax: plt.Axes, rows: Sequence[Row], x_of: Callable[[Row], float | None]) -> None:
+    points = [(float(x_of(r)), float(r.top1), r) for r in rows  # type: ignore[arg-type]
+              if r.ours and not r.is_float and x_of(r) is not None]
+    front = pareto_front(points)
+    if len(front) > 1:
+        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="gray", alpha=0.6,
+                linewidth=2.5, zorder=0, label="Pareto frontier")
+
+
+def _draw_float(ax: plt.Axes, rows: Sequence[Row]) -> None:
+    for r in rows:
+        if r.is_float and r.top1 is not None:
+            ax.axhline(r.top1, color="black", linestyle=":", label=f"Float {r.top1:.2f}")
+        if r.is_float and r.paper_top1 is not None:
+            ax.axhline(r.paper_top1, color="gray", linestyle=":", label=f"Float {r.paper_top1:.2f} (paper)")

@@ -1,8 +1,12 @@
-"""Turn jobs into the paper's table: Method | w/a | rate | %BOPs | Top-1 (csv, Markdown, LaTeX).
+"""Turn jobs into the paper's table (csv, Markdown, LaTeX; the page reuses :func:`main_table`).
 
-One row per (model, data, method, weight bits, activation bits, rate); several seeds of the same
-setting are shown as mean ± std. The float model is the top row. Paper numbers, when known, sit
-beside ours.
+One row per setting: model, data, method (with swept ``method.*`` options), weight and activation
+bits, rate, evaluation images and calibration protocol (policy, BN re-estimation, calibration
+transforms, fine-tuning). Several seeds of a setting are shown as ``mean ± std (k seeds)``, one
+seed as top-1 with its 95 % Wilson interval. The float model is the top row. Within a setting group
+(model, data, w/a bits, rate) the best row is bold and a row that an exact McNemar test on the same
+images cannot tell from it (p ≥ 0.05) is marked ``≈``. Protocol columns that are the same for every
+compressed row are stated once under the table instead. Paper numbers, when known, sit beside ours.
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple, Sequence
 
-from qaf.report.collect import INCOMPLETE, OK, Job
+from qaf.metrics.stats import wilson_interval
+from qaf.report.collect import OK, Job
+from qaf.report.compare import compare_job_sets, p_text
 
 FLOAT_METHOD = "fp32"
 # Methods whose result depends on the rate: only they show one. Baselines keep every weight.
@@ -25,14 +31,41 @@ DISPLAY = {
     "fp32": "Float",
     "ptq": "PTQ",
     "lapq": "LAPQ",
+    "adaround": "AdaRound",
+    "adaquant": "AdaQuant",
+    "brecq": "BRECQ",
+    "qswd": "QSWD",
     "cpd": "CPD→PTQ",
     "cpd_epc": "CPD-EPC→PTQ",
     "admm": "ADMM",
     "admm_epc": "ADMM-EPC",
 }
 _ORDER = list(DISPLAY)
+#: ``--bops`` conventions: the metrics.json field each reads.
+BOPS_FIELDS = {"qaf": "bops_pct", "paper": "bops_pct_paper"}
+BOPS_NOTES = {
+    "qaf": "%BOPs: qaf's count, every layer at its own weight x input bits, relative to the float "
+           "model's MACs x 32 x 32.",
+    "paper": "%BOPs: the QAF paper's convention, unfactorized models at w*a/1024 of the float "
+             "model's BOPs, factorized models counted per layer.",
+}
+#: Protocol fields, in :attr:`Key.protocol` order: column headers and names in the note.
+PROTOCOL_COLUMNS = ("Policy", "BN re-est.", "Calibration", "Fine-tuning")
+_PROTOCOL_NAMES = ("policy", "BN re-estimation", "calibration", "fine-tuning")
+LEVEL_TEXT = "p ≥ 0.05"
 
-Key = tuple[str, str, str, int, int, "float | None"]  # model, data, method, w, a, rate
+
+class Key(NamedTuple):
+    """A row's identity."""
+
+    model: str
+    data: str
+    method: str
+    w_bits: int
+    a_bits: int
+    rate: float | None
+    eval_samples: int | None = None
+    protocol: tuple[str, ...] = ()
 
 
 @dataclass
@@ -42,19 +75,31 @@ class Row:
     Attributes
     ----------
     model, data, method : str
-        What was run.
+        What was run (``method`` carries swept options: ``ptq[clip=mse]``).
     w_bits, a_bits : int
         Weight and activation bit widths (32/32 for the float model).
     rate : float | None
         Parameter reduction rate; None for methods that do not factorize.
+    eval_samples : int | None
+        Evaluation images (None for a paper-only row).
+    protocol : tuple[str, ...]
+        Policy, BN re-estimation, calibration, fine-tuning as text; () for float and paper rows.
     top1, top1_std : float | None
         Mean and standard deviation over seeds (std None with a single seed).
-    top5, bops_pct : float | None
-        Means over seeds.
+    top1_ci : tuple[float, float] | None
+        95 % Wilson interval of a single-seed row.
+    top5, bops_pct, size_bytes, compression_ratio : float | None
+        Means over seeds (``bops_pct`` in the report's convention).
+    vs_fp32_diff, vs_fp32_p : float | None
+        Paired difference to the float model (mean over seeds) and its McNemar p (largest).
     seeds : int
         Number of distinct seeds aggregated (0 for a paper-only row).
     paper_top1, paper_bops_pct : float | None
         The paper's numbers for this setting, when known.
+    paper_source : str | None
+        Where they come from (the paper CSV's ``source`` column).
+    mark : str
+        ``best`` (bold), ``tie`` (≈: not significantly worse than the best) or "".
     jobs : list[Job]
         The finished jobs behind the row.
     """
@@ -65,19 +110,34 @@ class Row:
     w_bits: int
     a_bits: int
     rate: float | None
+    eval_samples: int | None = None
+    protocol: tuple[str, ...] = ()
     top1: float | None = None
     top1_std: float | None = None
+    top1_ci: tuple[float, float] | None = None
     top5: float | None = None
     bops_pct: float | None = None
+    size_bytes: float | None = None
+    compression_ratio: float | None = None
+    vs_fp32_diff: float | None = None
+    vs_fp32_p: float | None = None
     seeds: int = 0
     paper_top1: float | None = None
     paper_bops_pct: float | None = None
+    paper_source: str | None = None
+    mark: str = ""
     jobs: list[Job] = field(default_factory=list)
 
     @property
     def key(self) -> Key:
         """The row's identity."""
-        return (self.model, self.data, self.method, self.w_bits, self.a_bits, self.rate)
+        return Key(self.model, self.data, self.method, self.w_bits, self.a_bits, self.rate,
+                   self.eval_samples, self.protocol)
+
+    @property
+    def setting(self) -> tuple[Any, ...]:
+        """The group within which rows are compared: model, data, w/a bits, rate, images."""
+        return (self.model, self.data, self.w_bits, self.a_bits, self.rate, self.eval_samples)
 
     @property
     def base_method(self) -> str:
@@ -91,6 +151,42 @@ class Row:
         name = DISPLAY.get(self.base_method, self.base_method)
         return f"{name} ({variant})" if variant else name
 
+    @property
+    def is_float(self) -> bool:
+        """Whether this is the float model's row."""
+        return self.method == FLOAT_METHOD
+
+    @property
+    def ours(self) -> bool:
+        """Whether the row has our own numbers (not only the paper's)."""
+        return self.top1 is not None
+
+
+def protocol_of(metrics: dict) -> tuple[str, ...]:
+    """The calibration protocol of a run as text, in :data:`PROTOCOL_COLUMNS` order.
+
+    Parameters
+    ----------
+    metrics : dict
+        A valid metrics.json payload.
+
+    Returns
+    -------
+    tuple[str, ...]
+        Policy name; ``on, <transform> transform`` or ``off``; ``<n> <split> images, <transform>
+        transform`` for the observers' calibration; ``none`` or ``KD, <steps> steps``.
+    """
+    proto = metrics.get("protocol") if isinstance(metrics.get("protocol"), dict) else {}
+    policy = metrics.get("policy") or (proto.get("policy") or {}).get("name") or "?"
+    recal = proto.get("bn_recalibration")
+    bn = "?" if recal is None else (f"on, {proto.get('bn_transform', '?')} transform" if recal else "off")
+    calib = (f"{proto.get('calib_samples', '?')} {proto.get('calib_split', '?')} images, "
+             f"{proto.get('calib_transform', '?')} transform")
+    finetune = proto.get("finetune")
+    tuned = "none" if not finetune else (
+        f"KD, {finetune['steps']} steps" if isinstance(finetune, dict) and "steps" in finetune else "yes")
+    return (str(policy), bn, calib, tuned)
+
 
 def job_key(job: Job) -> Key:
     """The table row a finished job belongs to.
@@ -103,25 +199,26 @@ def job_key(job: Job) -> Key:
     Returns
     -------
     Key
-        (model, data, method, w_bits, a_bits, rate); the float model is 32/32 without rate; swept
-        ``method.*`` options make the method ``name[key=value,...]``.
+        The float model is 32/32 without rate or protocol; swept ``method.*`` options make the
+        method ``name[key=value,...]``.
     """
     m = job.metrics or {}
     method = str(m.get("method", job.method))
+    n = m.get("eval_samples")
     if method == FLOAT_METHOD:
-        return (str(m.get("model", "?")), str(m.get("data", "?")), method, 32, 32, None)
+        return Key(str(m.get("model", "?")), str(m.get("data", "?")), method, 32, 32, None, n)
     rate = float(m["rate"]) if method in FACTORIZING and m.get("rate") is not None else None
     # Swept method options (method.clip=mse, ...) are different methods, not repeats to average.
     variant = ",".join(sorted(o.split(".", 1)[1] for o in job.overrides if o.startswith("method.")))
     if variant:
         method = f"{method}[{variant}]"
-    return (str(m.get("model", "?")), str(m.get("data", "?")), method,
-            int(m.get("bits", 32)), int(m.get("act_bits", 32)), rate)
+    return Key(str(m.get("model", "?")), str(m.get("data", "?")), method, int(m.get("bits", 32)),
+               int(m.get("act_bits", 32)), rate, n, protocol_of(m))
 
 
 def aggregate(jobs: Iterable[Job], paper: dict[tuple, dict] | None = None,
-              paper_for: set[tuple[str, str]] | None = None) -> list[Row]:
-    """Group finished jobs into table rows, mean ± std over seeds, float row first.
+              paper_for: set[tuple[str, str]] | None = None, bops: str = "qaf") -> list[Row]:
+    """Group finished jobs into table rows, float row first, with the best-row marks.
 
     Parameters
     ----------
@@ -132,6 +229,8 @@ def aggregate(jobs: Iterable[Job], paper: dict[tuple, dict] | None = None,
         Paper settings that were not run become rows without our numbers.
     paper_for : set[tuple[str, str]] | None
         The (model, data) pairs the paper numbers apply to; None: every pair in the jobs.
+    bops : str
+        ``qaf`` or ``paper``: which %BOPs the rows carry (:data:`BOPS_FIELDS`).
 
     Returns
     -------
@@ -139,46 +238,93 @@ def aggregate(jobs: Iterable[Job], paper: dict[tuple, dict] | None = None,
         Sorted by model, data, then float, then method order, bits and rate.
     """
     groups: dict[Key, list[Job]] = defaultdict(list)
-    fp32_ref: dict[tuple[str, str], list[float]] = defaultdict(list)
     for job in jobs:
-        if job.status != OK:
-            continue
-        key = job_key(job)
-        groups[key].append(job)
-        if (job.metrics or {}).get("fp32_top1") is not None:
-            fp32_ref[key[:2]].append(float(job.metrics["fp32_top1"]))
-    rows = {key: _row(key, members) for key, members in groups.items()}
-    # Every job measures the float model's accuracy: give the table its float row even when
-    # the sweep did not run method=fp32.
-    for (model, data), values in fp32_ref.items():
-        key = (model, data, FLOAT_METHOD, 32, 32, None)
-        if key not in rows:
-            rows[key] = Row(model, data, FLOAT_METHOD, 32, 32, None, top1=statistics.fmean(values),
-                            bops_pct=100.0, seeds=1)
+        if job.status == OK:
+            groups[job_key(job)].append(job)
+    rows = {key: _row(key, members, BOPS_FIELDS[bops]) for key, members in groups.items()}
+    _add_float_rows(rows, [j for members in groups.values() for j in members])
     if paper:
         _attach_paper(rows, paper, paper_for)
-    return sorted(rows.values(), key=_sort_key)
+    ordered = sorted(rows.values(), key=_sort_key)
+    mark_best(ordered)
+    return ordered
 
 
-def _row(key: Key, jobs: list[Job]) -> Row:
+def _row(key: Key, jobs: list[Job], bops_field: str) -> Row:
     # Jobs with the same seed are repeats of one experiment (e.g. fp32 at bits=4 and bits=8):
     # average them first so that only distinct seeds make the spread.
     by_seed: dict[Any, list[dict]] = defaultdict(list)
     for job in jobs:
         by_seed[(job.metrics or {}).get("seed")].append(job.metrics or {})
-    per_seed = [{k: _mean([m.get(k) for m in ms]) for k in ("top1", "top5", "bops_pct")}
-                for ms in by_seed.values()]
+    fields = {"top1": "top1", "top5": "top5", "bops_pct": bops_field, "size_bytes": "size_bytes",
+              "compression_ratio": "compression_ratio"}
+    per_seed = [{name: _mean([m.get(src) for m in ms]) for name, src in fields.items()} for ms in by_seed.values()]
     top1s = [s["top1"] for s in per_seed if s["top1"] is not None]
-    return Row(*key, top1=_mean(top1s),
-               top1_std=statistics.stdev(top1s) if len(top1s) > 1 else None,
-               top5=_mean([s["top5"] for s in per_seed]),
-               bops_pct=_mean([s["bops_pct"] for s in per_seed]),
-               seeds=len(per_seed), jobs=jobs)
+    row = Row(*key, top1=_mean(top1s), top1_std=statistics.stdev(top1s) if len(top1s) > 1 else None,
+              seeds=len(per_seed), jobs=jobs,
+              **{name: _mean([s[name] for s in per_seed]) for name in fields if name != "top1"})
+    first = jobs[0].metrics or {}
+    if len(per_seed) == 1 and interval_of(first.get("top1_ci95")):
+        row.top1_ci = interval_of(first.get("top1_ci95"))
+    if key.method != FLOAT_METHOD:
+        tests = [m["vs_fp32"] for m in (j.metrics or {} for j in jobs) if isinstance(m.get("vs_fp32"), dict)]
+        row.vs_fp32_diff = _mean([t.get("diff") for t in tests])
+        row.vs_fp32_p = max((float(t["p_value"]) for t in tests if _is_number(t.get("p_value"))), default=None)
+    return row
 
 
-def _mean(values: list[Any]) -> float | None:
-    nums = [float(v) for v in values if v is not None]
+def _add_float_rows(rows: dict[Key, Row], jobs: list[Job]) -> None:
+    """Every job measures the float model: give the table its float row even when the sweep did
+    not run ``method=fp32`` (top-1 from ``fp32_top1``, interval from the images)."""
+    found: dict[Key, list[dict]] = defaultdict(list)
+    for job in jobs:
+        m = job.metrics or {}
+        if _is_number(m.get("fp32_top1")):
+            key = Key(str(m.get("model", "?")), str(m.get("data", "?")), FLOAT_METHOD, 32, 32, None,
+                      m.get("eval_samples"))
+            found[key].append(m)
+    for key, ms in found.items():
+        if key in rows:
+            continue
+        top1 = statistics.fmean(float(m["fp32_top1"]) for m in ms)
+        n = key.eval_samples
+        ci = wilson_interval(round(top1 * n / 100), n) if isinstance(n, int) and n > 0 else None
+        rows[key] = Row(*key, top1=top1, top1_ci=ci, bops_pct=100.0, seeds=1, compression_ratio=1.0,
+                        size_bytes=_mean([m.get("fp32_size_bytes") for m in ms]))
+
+
+def _mean(values: Iterable[Any]) -> float | None:
+    nums = [float(v) for v in values if _is_number(v)]
     return statistics.fmean(nums) if nums else None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def interval_of(value: Any) -> tuple[float, float] | None:
+    """A metrics.json ``[low, high]`` as a tuple, or None when it is not two finite numbers."""
+    if isinstance(value, list) and len(value) == 2 and all(_is_number(v) for v in value):
+        return (float(value[0]), float(value[1]))
+    return None
+
+
+def mark_best(rows: Sequence[Row]) -> None:
+    """Mark the best row of each setting group with two or more of our rows (``best``), and each
+    other row an exact McNemar test on the same images cannot tell from it (``tie``)."""
+    groups: dict[tuple, list[Row]] = defaultdict(list)
+    for row in rows:
+        row.mark = ""
+        if row.ours and row.jobs:
+            groups[row.setting].append(row)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        best = max(members, key=lambda r: r.top1)  # type: ignore[arg-type, return-value]
+        best.mark = "best"
+        for row in members:
+            if row is not best and (result := compare_job_sets(best.jobs, row.jobs)) is not None:
+                row.mark = "" if result.significant else "tie"
 
 
 def _attach_paper(rows: dict[Key, Row], paper: dict[tuple, dict],
@@ -186,17 +332,21 @@ def _attach_paper(rows: dict[Key, Row], paper: dict[tuple, dict],
     pairs = sorted(paper_for if paper_for is not None else {k[:2] for k in rows}) or [("?", "?")]
     for pkey, values in paper.items():
         for model, data in pairs:
-            key = (model, data, *pkey)
-            if key not in rows:
-                rows[key] = Row(*key)
-            rows[key].paper_top1 = values.get("top1")
-            rows[key].paper_bops_pct = values.get("bops_pct")
+            matches = [r for k, r in rows.items() if k[:6] == (model, data, *pkey)]
+            if not matches:
+                row = Row(model, data, *pkey)
+                rows[row.key] = row
+                matches = [row]
+            for row in matches:
+                row.paper_top1 = values.get("top1")
+                row.paper_bops_pct = values.get("bops_pct")
+                row.paper_source = values.get("source")
 
 
 def _sort_key(row: Row) -> tuple:
     order = _ORDER.index(row.base_method) if row.base_method in _ORDER else len(_ORDER)
     return (row.model, row.data, order, row.method, row.w_bits, row.a_bits,
-            -1.0 if row.rate is None else row.rate)
+            -1.0 if row.rate is None else row.rate, row.eval_samples or 0, row.protocol)
 
 
 def read_paper_csv(path: Path) -> dict[tuple, dict]:
@@ -205,24 +355,42 @@ def read_paper_csv(path: Path) -> dict[tuple, dict]:
     Parameters
     ----------
     path : Path
-        CSV with columns ``method, w_bits, a_bits, rate, bops_pct, top1`` (rate empty for
-        methods that do not factorize; method names as in configs, e.g. ``admm_epc``).
+        CSV with columns ``method, w_bits, a_bits, rate, bops_pct, top1`` and optionally
+        ``source`` (rate empty for methods that do not factorize; method names as in configs,
+        e.g. ``admm_epc``, or methods qaf does not run, e.g. ``adaround``); ``#`` lines are
+        comments.
 
     Returns
     -------
     dict[tuple, dict]
-        ``{(method, w_bits, a_bits, rate): {"top1": float, "bops_pct": float | None}}``.
+        ``{(method, w_bits, a_bits, rate): {"top1": float, "bops_pct": float | None,
+        "source": str | None}}``.
+
+    Raises
+    ------
+    ValueError
+        For a row that cannot be read, naming the file and line.
     """
     out: dict[tuple, dict] = {}
     with open(path, newline="") as fh:
-        for rec in csv.DictReader(line for line in fh if not line.startswith("#")):
-            method = rec["method"].strip()
-            rate = rec.get("rate", "").strip()
-            key = (method, int(rec["w_bits"]), int(rec["a_bits"]),
-                   float(rate) if rate and method in FACTORIZING else None)
-            bops = rec.get("bops_pct", "").strip()
-            out[key] = {"top1": float(rec["top1"]), "bops_pct": float(bops) if bops else None}
+        lines = [(i, line) for i, line in enumerate(fh, 1) if line.strip() and not line.startswith("#")]
+    reader = csv.DictReader(line for _, line in lines)
+    for (lineno, _), rec in zip(lines[1:], reader):
+        try:
+            key, values = _paper_record(rec)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}:{lineno}: cannot read paper row {dict(rec)} ({err})") from None
+        out[key] = values
     return out
+
+
+def _paper_record(rec: dict[str, str]) -> tuple[tuple, dict]:
+    method = rec["method"].strip()
+    rate = (rec.get("rate") or "").strip()
+    key = (method, int(rec["w_bits"]), int(rec["a_bits"]), float(rate) if rate and method in FACTORIZING else None)
+    bops = (rec.get("bops_pct") or "").strip()
+    source = (rec.get("source") or "").strip()
+    return key, {"top1": float(rec["top1"]), "bops_pct": float(bops) if bops else None, "source": source or None}
 
 
 # ---------------------------------------------------------------------------------- formatting
@@ -232,90 +400,191 @@ def fmt_rate(rate: float | None) -> str:
     return "–" if rate is None else f"{rate:g}"
 
 
-def fmt_num(value: float | None, std: float | None = None, pm: str = "±") -> str:
+def fmt_num(value: float | None, std: float | None = None, digits: int = 2) -> str:
     """Two decimals, ``mean ± std`` when a spread is known, ``–`` when missing."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    return f"{value:.2f} {pm} {std:.2f}" if std is not None else f"{value:.2f}"
+    return f"{value:.{digits}f} ± {std:.{digits}f}" if std is not None else f"{value:.{digits}f}"
 
 
-def has_paper(rows: list[Row]) -> bool:
+def fmt_top1(row: Row) -> str:
+    """``89.99 [89.39, 90.56]`` (one seed), ``73.00 ± 1.41 (2 seeds)``, ``–``; ``≈`` for a tie."""
+    if row.top1 is None:
+        return "–"
+    if row.seeds > 1:
+        text = f"{fmt_num(row.top1, row.top1_std)} ({row.seeds} seeds)"
+    elif row.top1_ci is not None:
+        text = f"{row.top1:.2f} [{row.top1_ci[0]:.2f}, {row.top1_ci[1]:.2f}]"
+    else:
+        text = fmt_num(row.top1)
+    return f"{text} ≈" if row.mark == "tie" else text
+
+
+def fmt_delta(row: Row) -> str:
+    """``-1.20 (p=0.080)``, ``-9.00 (p<0.001)``; with several seeds the mean difference and the largest p."""
+    if row.is_float or row.vs_fp32_diff is None:
+        return "–"
+    if row.vs_fp32_p is None:
+        return f"{row.vs_fp32_diff:+.2f}"
+    if row.seeds > 1:
+        return f"{row.vs_fp32_diff:+.2f} (max {p_text(row.vs_fp32_p)}, {row.seeds} seeds)"
+    return f"{row.vs_fp32_diff:+.2f} ({p_text(row.vs_fp32_p)})"
+
+
+def has_paper(rows: Sequence[Row]) -> bool:
     """Whether any row carries paper numbers (then the tables get paper columns)."""
     return any(r.paper_top1 is not None for r in rows)
 
 
-def table_cells(rows: list[Row], pm: str = "±") -> tuple[list[str], list[list[str]]]:
-    """Header and cell text of the table, shared by Markdown, LaTeX and HTML.
+@dataclass
+class Table:
+    """A table ready to render: cells as text plus what the renderers style.
+
+    Attributes
+    ----------
+    header : list[str]
+        Column headers.
+    body : list[list[str]]
+        Cell texts, one list per row.
+    bold : list[bool]
+        Rows to emphasise (the best of their group).
+    float_rows : list[bool]
+        The float model's rows (a rule follows them in LaTeX).
+    n_text : int
+        Leading text columns (left-aligned); the rest are numbers.
+    notes : list[str]
+        Sentences printed under the table.
+    """
+
+    header: list[str]
+    body: list[list[str]]
+    bold: list[bool]
+    float_rows: list[bool]
+    n_text: int
+    notes: list[str] = field(default_factory=list)
+
+
+def main_table(rows: Sequence[Row], bops_note: str = BOPS_NOTES["qaf"]) -> Table:
+    """The results table shared by Markdown, LaTeX and HTML.
 
     Parameters
     ----------
-    rows : list[Row]
+    rows : Sequence[Row]
         From :func:`aggregate`.
-    pm : str
-        The plus-minus sign to use.
+    bops_note : str
+        The sentence that says which %BOPs convention the column uses (and why).
 
     Returns
     -------
-    tuple[list[str], list[list[str]]]
-        Header and rows of strings. Model and data columns appear only when the rows mix
-        several models or data sets.
+    Table
+        Model and data columns only when the rows mix several; protocol columns only where
+        compressed rows differ (else one note); an Images column only when rows differ in it;
+        paper columns only when paper numbers are known.
     """
     multi = len({r.key[:2] for r in rows}) > 1
-    paper = has_paper(rows)
-    header = (["Model", "Data"] if multi else []) + ["Method", "w/a", "rate", "%BOPs", "Top-1"]
-    if paper:
-        header += ["%BOPs (paper)", "Top-1 (paper)"]
+    varying = _varying_protocol(rows)
+    images = sorted({r.eval_samples for r in rows if r.ours and r.eval_samples is not None})
+    paper, sources = has_paper(rows), sorted({r.paper_source for r in rows if r.paper_source})
+    header = ((["Model", "Data"] if multi else []) + ["Method", "w/a", "rate"]
+              + [PROTOCOL_COLUMNS[i] for i in varying]
+              + ["%BOPs", "Size (kB)", "Ratio"] + (["Images"] if len(images) > 1 else [])
+              + ["Top-1", "Δ float"]
+              + (["%BOPs (paper)", "Top-1 (paper)"] if paper else []) + (["Source"] if len(sources) > 1 else []))
     body = []
     for r in rows:
-        cells = ([r.model, r.data] if multi else []) + [
-            r.label, f"{r.w_bits}/{r.a_bits}", fmt_rate(r.rate), fmt_num(r.bops_pct),
-            fmt_num(r.top1, r.top1_std, pm)]
-        if paper:
-            cells += [fmt_num(r.paper_bops_pct), fmt_num(r.paper_top1)]
+        cells = (([r.model, r.data] if multi else []) + [r.label, f"{r.w_bits}/{r.a_bits}", fmt_rate(r.rate)]
+                 + [r.protocol[i] if r.protocol else "–" for i in varying]
+                 + [fmt_num(r.bops_pct), fmt_num(None if r.size_bytes is None else r.size_bytes / 1e3, digits=1),
+                    "–" if r.compression_ratio is None else f"{r.compression_ratio:.2f}×"]
+                 + ([str(r.eval_samples or "–")] if len(images) > 1 else [])
+                 + [fmt_top1(r), fmt_delta(r)]
+                 + ([fmt_num(r.paper_bops_pct), fmt_num(r.paper_top1)] if paper else [])
+                 + ([r.paper_source or "–"] if len(sources) > 1 else []))
         body.append(cells)
-    return header, body
+    notes = _notes(rows, images, varying, sources, bops_note)
+    return Table(header, body, [r.mark == "best" for r in rows], [r.is_float for r in rows],
+                 header.index("rate") + 1 + len(varying), notes)
+
+
+def _varying_protocol(rows: Sequence[Row]) -> list[int]:
+    """Indices of the protocol fields that differ between compressed rows."""
+    protocols = {r.protocol for r in rows if r.protocol}
+    return [i for i in range(len(PROTOCOL_COLUMNS)) if len({p[i] for p in protocols}) > 1]
+
+
+def _notes(rows: Sequence[Row], images: list[int], varying: list[int], sources: list[str],
+           bops_note: str) -> list[str]:
+    on = f"on the same {images[0]} evaluation images" if len(images) == 1 else "on the images of its row"
+    notes = [f"Top-1 (%) {on}: [95 % Wilson interval] for one seed, mean ± std over seeds otherwise."]
+    if any(r.mark for r in rows):
+        notes.append("Bold: the best top-1 among the rows of one model, data, w/a bits and rate; ≈: not "
+                     f"significantly different from it (exact McNemar test on the same images, {LEVEL_TEXT}).")
+    if any(r.vs_fp32_diff is not None for r in rows):
+        notes.append("Δ float: paired difference to the float model in points on the same images, with the "
+                     "exact McNemar p-value.")
+    notes.append(bops_note)
+    protocols = sorted({r.protocol for r in rows if r.protocol})
+    constant = [f"{_PROTOCOL_NAMES[i]} {protocols[0][i]}"
+                for i in range(len(PROTOCOL_COLUMNS)) if protocols and i not in varying]
+    if constant:
+        notes.append("Every compressed row: " + "; ".join(constant) + ".")
+    if len(sources) == 1:
+        notes.append(f"Paper numbers: {sources[0]}.")
+    return notes
+
+
+def bops_note(convention: str, reason: str | None = None) -> str:
+    """The %BOPs sentence of a report, with why the convention was chosen when it was automatic."""
+    return BOPS_NOTES[convention] + (f" ({reason})" if reason else "")
 
 
 def problem_jobs(jobs: Iterable[Job]) -> list[Job]:
-    """The jobs without results (failed, incomplete, not started), in order."""
+    """The jobs without results (every status but ``ok``), in order."""
     return [j for j in jobs if j.status != OK]
 
 
 def problem_line(job: Job) -> str:
-    """One line describing a job without results."""
+    """One line describing a job without results: status, where, and why."""
     where = job.name
-    if job.error:
-        detail = f": {job.error}"
-    elif job.status == INCOMPLETE:
-        detail = ": no metrics.json and no error in its log (running, killed, or crashed)"
-    else:
-        detail = ""
     if job.path is not None:  # a job that never started is named by its overrides already
         where += f" [{' '.join(job.overrides)}]"
-    return f"{job.status}: {where}{detail}"
+    detail = f": {job.error}" if job.error else ""
+    stage = f" (stage {job.stage})" if job.stage else ""
+    return f"{job.status}: {where}{detail}{stage}"
 
 
-def render_markdown(rows: list[Row], jobs: list[Job], title: str) -> str:
-    """The table as Markdown, followed by every job that has no results.
+def markdown_table(table: Table) -> list[str]:
+    """A :class:`Table` as Markdown lines (bold rows, then its notes)."""
+    lines = ["| " + " | ".join(table.header) + " |", "|" + "|".join("---" for _ in table.header) + "|"]
+    for cells, bold in zip(table.body, table.bold):
+        shown = [f"**{c}**" if bold and c != "–" else c for c in cells]
+        lines.append("| " + " | ".join(shown) + " |")
+    if table.notes:
+        lines += [""] + [f"{note}  " for note in table.notes[:-1]] + [table.notes[-1]]
+    return lines
+
+
+def render_markdown(rows: Sequence[Row], jobs: Sequence[Job], title: str,
+                    bops_text: str = BOPS_NOTES["qaf"]) -> str:
+    """The table as Markdown, its notes, and every job that has no results.
 
     Parameters
     ----------
-    rows : list[Row]
+    rows : Sequence[Row]
         From :func:`aggregate`.
-    jobs : list[Job]
+    jobs : Sequence[Job]
         All jobs (problem ones are listed under the table).
     title : str
         Heading.
+    bops_text : str
+        The %BOPs sentence (:func:`bops_note`).
 
     Returns
     -------
     str
         Markdown text.
     """
-    header, body = table_cells(rows)
-    lines = [f"# {title}", "", "| " + " | ".join(header) + " |",
-             "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    lines = [f"# {title}", "", *markdown_table(main_table(rows, bops_text))]
     ok = sum(j.status == OK for j in jobs)
     lines += ["", f"{ok} of {len(jobs)} jobs finished."]
     problems = problem_jobs(jobs)
@@ -325,54 +594,96 @@ def render_markdown(rows: list[Row], jobs: list[Job], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _tex_escape(text: str) -> str:
-    for char, repl in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"),
-                       ("#", r"\#"), ("→", r"$\to$"), ("–", "--")):
+_TEX = (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#"),
+        ("→", r"$\to$"), ("–", "--"), ("±", r"$\pm$"), ("≈", r"$\approx$"), ("×", r"$\times$"),
+        ("Δ", r"$\Delta$"), ("≤", r"$\le$"), ("≥", r"$\ge$"))
+
+
+def tex_escape(text: str) -> str:
+    """Plain text with the characters tables use as LaTeX."""
+    for char, repl in _TEX:
         text = text.replace(char, repl)
     return text
 
 
-def render_latex(rows: list[Row], caption: str) -> str:
-    """The table as a booktabs LaTeX ``table`` (float row on top, rule below it).
+def latex_tabular(table: Table) -> list[str]:
+    """A :class:`Table` as a booktabs ``tabular`` (bold rows, rule after float rows)."""
+    align = "l" * table.n_text + "r" * (len(table.header) - table.n_text)
+    out = [f"\\begin{{tabular}}{{{align}}}", r"\toprule", " & ".join(tex_escape(h) for h in table.header) + r" \\",
+           r"\midrule"]
+    for i, (cells, bold) in enumerate(zip(table.body, table.bold)):
+        text = [f"\\textbf{{{tex_escape(c)}}}" if bold and c != "–" else tex_escape(c) for c in cells]
+        out.append(" & ".join(text) + r" \\")
+        if table.float_rows[i] and i + 1 < len(table.body) and not table.float_rows[i + 1]:
+            out.append(r"\midrule")
+    return out + [r"\bottomrule", r"\end{tabular}"]
+
+
+def render_latex(rows: Sequence[Row], caption: str, bops_text: str = BOPS_NOTES["qaf"]) -> str:
+    """The table as a booktabs LaTeX ``table``, its notes in small print below.
 
     Parameters
     ----------
-    rows : list[Row]
+    rows : Sequence[Row]
         From :func:`aggregate`.
     caption : str
-        Table caption.
+        Table caption (the %BOPs convention is appended).
+    bops_text : str
+        The %BOPs sentence (:func:`bops_note`).
 
     Returns
     -------
     str
         LaTeX source needing ``booktabs``.
     """
-    header, body = table_cells(rows, pm="PLUSMINUS")
-    n_text = header.index("rate")  # text columns left, numbers right
-    align = "l" * n_text + "r" * (len(header) - n_text)
-    out = [r"\begin{table}[t]", r"\centering", f"\\caption{{{_tex_escape(caption)}}}",
-           f"\\begin{{tabular}}{{{align}}}", r"\toprule",
-           " & ".join(_tex_escape(h) for h in header) + r" \\", r"\midrule"]
-    for i, (row, cells) in enumerate(zip(rows, body)):
-        text = [_tex_escape(c).replace("PLUSMINUS", r"$\pm$") for c in cells]
-        out.append(" & ".join(text) + r" \\")
-        if row.method == FLOAT_METHOD and i + 1 < len(rows) and rows[i + 1].method != FLOAT_METHOD:
-            out.append(r"\midrule")
-    out += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    table = main_table(rows, bops_text)
+    out = [r"\begin{table}[t]", r"\centering", f"\\caption{{{tex_escape(caption)}. {tex_escape(bops_text)}}}",
+           *latex_tabular(table)]
+    notes = [n for n in table.notes if n != bops_text]
+    if notes:
+        out += [r"\par\smallskip\footnotesize", " ".join(tex_escape(n) for n in notes)]
+    out.append(r"\end{table}")
     return "\n".join(out) + "\n"
 
 
-RESULT_COLUMNS = ["sweep", "job", "status", "method", "model", "data", "w_bits", "a_bits", "rate",
-                  "seed", "top1", "top5", "fp32_top1", "bops_pct", "bops", "macs", "fp32_macs",
-                  "params", "compressed_bits", "overrides", "error"]
+RESULT_COLUMNS = ["sweep", "job", "status", "error", "stage", "method", "model", "data", "w_bits", "a_bits",
+                  "rate", "seed", "policy", "bn_recalibration", "bn_transform", "calib_samples", "calib_transform",
+                  "eval_samples", "top1", "top1_ci_low", "top1_ci_high", "top5", "fp32_top1", "vs_fp32_diff",
+                  "vs_fp32_p", "bops_pct", "bops_pct_paper", "bops", "macs", "fp32_macs", "params", "size_bytes",
+                  "fp32_size_bytes", "compression_ratio", "config_hash", "overrides", "path"]
+_COPIED = ("eval_samples", "top1", "top5", "fp32_top1", "bops_pct", "bops_pct_paper", "bops", "macs",
+           "fp32_macs", "params", "size_bytes", "fp32_size_bytes", "compression_ratio", "config_hash", "policy")
 
 
-def render_results_csv(jobs: list[Job]) -> str:
+def result_record(job: Job) -> dict[str, Any]:
+    """One job as a :data:`RESULT_COLUMNS` record (empty cells where unknown)."""
+    m = job.metrics or {}
+    proto = m.get("protocol") if isinstance(m.get("protocol"), dict) else {}
+    vs = m.get("vs_fp32") if isinstance(m.get("vs_fp32"), dict) else {}
+    ci = interval_of(m.get("top1_ci95")) or ("", "")
+    is_float = job.method == FLOAT_METHOD
+    rec = {
+        "sweep": str(job.sweep), "job": job.name, "status": job.status, "error": job.error or "",
+        "stage": job.stage or "", "method": job.method,
+        "model": m.get("model", job.choices.get("model", "")), "data": m.get("data", job.choices.get("data", "")),
+        "w_bits": 32 if is_float else job.setting("bits"), "a_bits": 32 if is_float else job.setting("act_bits"),
+        "rate": job.setting("rate"), "seed": job.setting("seed"),
+        "bn_recalibration": proto.get("bn_recalibration", ""), "bn_transform": proto.get("bn_transform", ""),
+        "calib_samples": proto.get("calib_samples", ""), "calib_transform": proto.get("calib_transform", ""),
+        "top1_ci_low": ci[0], "top1_ci_high": ci[1], "vs_fp32_diff": vs.get("diff", ""),
+        "vs_fp32_p": vs.get("p_value", ""), "overrides": " ".join(job.overrides),
+        "path": "" if job.path is None else str(job.path),
+    }
+    rec.update({k: m.get(k, "") for k in _COPIED})
+    return rec
+
+
+def render_results_csv(jobs: Sequence[Job]) -> str:
     """One CSV line per job, finished or not (the raw data behind the table).
 
     Parameters
     ----------
-    jobs : list[Job]
+    jobs : Sequence[Job]
         All jobs.
 
     Returns
@@ -384,19 +695,5 @@ def render_results_csv(jobs: list[Job]) -> str:
     writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for job in jobs:
-        m = job.metrics or {}
-        is_float = job.method == FLOAT_METHOD
-        rec = {
-            "sweep": str(job.sweep), "job": job.name, "status": job.status, "method": job.method,
-            "model": m.get("model", job.choices.get("model", "")),
-            "data": m.get("data", job.choices.get("data", "")),
-            "w_bits": 32 if is_float else job.setting("bits"),
-            "a_bits": 32 if is_float else job.setting("act_bits"),
-            "rate": job.setting("rate"), "seed": job.setting("seed"),
-            "overrides": " ".join(job.overrides), "error": job.error or "",
-        }
-        for k in ("top1", "top5", "fp32_top1", "bops_pct", "bops", "macs", "fp32_macs", "params",
-                  "compressed_bits"):
-            rec[k] = m.get(k, "")
-        writer.writerow(rec)
+        writer.writerow(result_record(job))
     return buf.getvalue()

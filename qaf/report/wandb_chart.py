@@ -8,10 +8,11 @@ from collections import defaultdict
 from pathlib import Path
 
 from qaf.report.collect import OK, Job
-from qaf.report.tables import FLOAT_METHOD, job_key
+from qaf.report.tables import FLOAT_METHOD, interval_of, job_key
 
 TABLE_COLUMNS = ["job", "status", "method", "label", "w_bits", "a_bits", "rate", "seed",
-                 "top1", "top5", "bops_pct", "fp32_top1"]
+                 "top1", "top1_ci_low", "top1_ci_high", "top5", "bops_pct", "bops_pct_paper", "size_bytes",
+                 "fp32_top1", "error"]
 
 
 def sweep_groups(jobs: list[Job]) -> dict[str, list[Job]]:
@@ -56,12 +57,15 @@ def table_data(jobs: list[Job]) -> list[list]:
     for job in jobs:
         m = job.metrics or {}
         if job.status == OK:
-            _model, _data, method, w, a, rate = job_key(job)
+            key = job_key(job)
+            method, w, a, rate = key.method, key.w_bits, key.a_bits, key.rate
         else:
             method, w, a, rate = job.method, job.setting("bits"), job.setting("act_bits"), None
         label = "Float" if method == FLOAT_METHOD else f"{method} w{w}a{a if a else '?'}"
-        data.append([job.name, job.status, method, label, w, a, rate, job.setting("seed"),
-                     m.get("top1"), m.get("top5"), m.get("bops_pct"), m.get("fp32_top1")])
+        ci = interval_of(m.get("top1_ci95")) or (None, None)
+        data.append([job.name, job.status, method, label, w, a, rate, job.setting("seed"), m.get("top1"), *ci,
+                     m.get("top5"), m.get("bops_pct"), m.get("bops_pct_paper"), m.get("size_bytes"),
+                     m.get("fp32_top1"), job.error])
     return data
 
 

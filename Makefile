@@ -3,7 +3,7 @@ PYTHON ?= python
 PIP ?= $(PYTHON) -m pip
 
 .DEFAULT_GOAL := help
-.PHONY: help install run sweep test test-all bench tables clean
+.PHONY: help install run sweep test test-all bench tables clean screenshot
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -23,7 +23,7 @@ test: install ## the test suite (slow tests deselected)
 test-all: install ## every test, slow ones included
 	$(PYTHON) -m pytest -q -m ""
 
-bench: ## solver speed and memory figures (prints them, writes bench.json)
+bench: ## solver speed, ONNX latency table, PyTorch CP speed ratio (prints them, writes bench.json)
 	$(PYTHON) -m qaf.bench
 
 tables: ## tables, plot and HTML page for the newest sweep under multirun_outputs/
@@ -32,3 +32,6 @@ tables: ## tables, plot and HTML page for the newest sweep under multirun_output
 clean: ## remove run outputs, caches and build files
 	rm -rf multirun_outputs/* multirun_outputs/.cache build dist *.egg-info .pytest_cache bench.json
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+screenshot: ## PNG of the newest sweep's HTML report, rendered in headless Chromium (docs/img/dashboard.png)
+	$(PYTHON) scripts/screenshot_dashboard.py --latest --out docs/img/dashboard.png

@@ -40,7 +40,7 @@ SEED_MAX = 2**32 - 1  # numpy's (and Lightning's seed_everything's) limit
 # resumed with other values for them (another machine, more GPUs, quiet console) skips finished
 # jobs. Dotted keys name nested entries.
 EXECUTION_KEYS = ("sweep_id", "resume", "overwrite", "progress", "logger", "cache", "hydra", "device",
-                  "export", "trainer.devices", "trainer.accelerator", "trainer.strategy",
+                  "export", "export_onnx", "trainer.devices", "trainer.accelerator", "trainer.strategy",
                   "data.num_workers")
 
 
@@ -112,7 +112,7 @@ def validate(cfg: DictConfig) -> None:
         check_int(key, cfg.get(key), *BITS_RANGE)
     check_number("rate", cfg.get("rate"), 1, low_open=True)
     check_int("seed", cfg.get("seed"), 0, SEED_MAX)
-    for key in ("resume", "overwrite", "progress", "export"):
+    for key in ("resume", "overwrite", "progress", "export", "export_onnx"):
         if key in cfg:
             check_bool(key, cfg.get(key))
     device = cfg.get("device", "auto")

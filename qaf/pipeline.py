@@ -28,6 +28,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 
 from qaf import lit, outputs, provenance
+from qaf.export import export_options, export_run
 from qaf.cache import FactorCache, key_digest, tensor_digest
 from qaf.calib import observing_activations, recalibrating_bn
 from qaf.config import ConfigError, config_hash, result_config, validate
@@ -205,9 +206,14 @@ def run(cfg: DictConfig) -> dict:
             outputs.record_failure(output_dir, err, "validate", chash)
         raise
     if writer:
-        done = outputs.prepare(output_dir, chash, bool(cfg.resume), bool(cfg.get("overwrite", False)),
-                               str(cfg.sweep_id))
+        try:
+            done = outputs.prepare(output_dir, chash, bool(cfg.resume), bool(cfg.get("overwrite", False)),
+                                   str(cfg.sweep_id))
+        except ConfigError as err:  # the folder keeps its results; the refusal is this job's state
+            outputs.record_failure(output_dir, err, "output_folder", chash)
+            raise
         if done is not None:
+            (output_dir / outputs.FAILED_FILE).unlink(missing_ok=True)
             log.info("skipped: %s already holds the results of this config (resume=true)",
                      output_dir / outputs.METRICS_FILE)
             return done
@@ -246,6 +252,10 @@ def _run(cfg: DictConfig, output_dir: Path, chash: str, stages: Stages, writer: 
                               progress=progress)
         method.check(model, ctx)
         teacher = copy.deepcopy(model) if finetune is not None else None
+    # The job's W&B run starts now, so a job that fails later is a failed run on the dashboard too.
+    logger = build_logger(cfg, output_dir, job_name=output_dir.name, job_type=method.name) if writer else False
+    if logger:
+        loggers.append(logger)
     log.info("run %s: method=%s policy=%s bits=%s act_bits=%s rate=%s on %s (%d eval / %d calib images) -> %s",
              chash, method.name, policy.name, cfg.bits, cfg.act_bits, cfg.rate, data.name, len(data.eval),
              data.calib_samples, output_dir)
@@ -278,9 +288,6 @@ def _run(cfg: DictConfig, output_dir: Path, chash: str, stages: Stages, writer: 
                  finetune_summary["last_loss"], stages["finetune"])
         recalibrate(cfg, model, data, stages, trainer_for, after="finetune")
 
-    logger = build_logger(cfg, output_dir, job_name=output_dir.name, job_type=method.name) if writer else False
-    if logger:
-        loggers.append(logger)
     with stages.stage("eval"):
         loader = data.eval_loader()
         result = lit.evaluate(trainer_for(loader, logger), model, loader)
@@ -325,6 +332,10 @@ def _run(cfg: DictConfig, output_dir: Path, chash: str, stages: Stages, writer: 
         **provenance.versions(),
     }
     metrics["compression_ratio"] = fp32_size / metrics["size_bytes"]
+    if writer and any(export_options(cfg)):
+        with stages.stage("export"):
+            metrics["export"] = export_run(model, cfg, output_dir, metrics)
+        metrics["timings"] = dict(stages)
     if writer:
         np.savez_compressed(output_dir / outputs.PREDICTIONS_FILE, correct1=np.packbits(result.correct1),
                             correct5=np.packbits(result.correct5), n=n)

@@ -233,3 +233,24 @@ def test_everything_quantized_when_the_policy_says_so() -> None:
     stem = next(r for r in method.report if r["name"] == "0" and "a_unsigned" in r)
     assert not stem["a_unsigned"]  # the image input is signed: symmetric grid
     assert model[0].act.grid.bounds()[0] < 0
+
+
+def test_block_memo_restores_forwards_that_blocks_already_had() -> None:
+    # split_shared_relus gives torchvision blocks an instance forward; closing the memo must keep it.
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    from qaf.models.torchvision_models import split_shared_relus
+
+    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10).eval()
+    split_shared_relus(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+    patched = {n: m.__dict__["forward"] for n, m in model.named_modules() if isinstance(m, BasicBlock)}
+    memo = BlockMemo(model, [["layer1.0.conv1"]], x)
+    assert set(patched) <= set(memo.blocks)
+    memo.close()
+    for name, forward in patched.items():
+        assert model.get_submodule(name).__dict__["forward"] is forward
+    with torch.no_grad():
+        assert torch.equal(model(x), before)

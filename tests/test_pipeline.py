@@ -127,10 +127,15 @@ def test_a_folder_holding_another_configs_results_is_refused_or_moved_aside(tmp_
         run_inprocess("method=ptq", "bits=8", *TINY, "sweep_id=shared")
     folder = tmp_path / "multirun_outputs" / "shared"
     assert json.loads((folder / "metrics.json").read_text())["config_hash"] == first["config_hash"]
+    assert json.loads((folder / "failed.json").read_text())["stage"] == "output_folder"
+    from qaf.report.collect import FAILED, job_state
+
+    assert job_state(folder).status == FAILED  # the refused launch is the folder's latest state
     second = run_inprocess("method=ptq", "bits=8", *TINY, "sweep_id=shared", "overwrite=true")
     (kept,) = folder.glob(".replaced/*/metrics.json")
     assert json.loads(kept.read_text())["config_hash"] == first["config_hash"]
     assert json.loads((folder / "metrics.json").read_text())["config_hash"] == second["config_hash"]
+    assert not (folder / "failed.json").exists()
 
 
 @pytest.mark.parametrize("content", ["[]", "null", "{}", '{"top1": NaN}', '{"method": "ptq"'])

@@ -226,6 +226,6 @@ def test_each_job_of_a_one_process_sweep_is_its_own_wandb_run(tmp_path: Path) ->
     seen = [read_wandb_run(p) for p in runs]
     assert len({r["id"] for r in seen}) == 3
     for path, run in zip(runs, seen):
-        metrics = json.loads((path.parents[3] / "metrics.json").read_text())
+        metrics = json.loads((path.parents[2] / "metrics.json").read_text())
         assert run["config"]["bits"] == metrics["bits"] and run["summary"]["top1"] == metrics["top1"]
         assert run["group"] == "wb" and run["job_type"] == "ptq"

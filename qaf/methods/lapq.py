@@ -433,6 +433,9 @@ class BlockMemo:
         self._last: np.ndarray | None = None
         self._cache: list[dict[int, Tensor]] = [{} for _ in self.blocks]
         self._modules = [model.get_submodule(n) for n in self.blocks]
+        # A block may already carry an instance ``forward`` (split_shared_relus patches torchvision
+        # blocks): remember it so ``close`` puts back exactly what was there.
+        self._own_forward = [m.__dict__.get("forward") for m in self._modules]
         for pos, module in enumerate(self._modules):
             module.forward = self._wrap(pos, module.forward)
 
@@ -456,8 +459,11 @@ class BlockMemo:
 
     def close(self) -> None:
         """Restore the blocks' own ``forward`` and drop the cache."""
-        for module in self._modules:
-            del module.forward
+        for module, own in zip(self._modules, self._own_forward):
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own
         self._cache = [{} for _ in self.blocks]
 
 

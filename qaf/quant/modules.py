@@ -85,6 +85,8 @@ class ActQuantizer(nn.Module):
         self._priority = torch.empty(0)
         self._unfitted = False  # observations made since the grid was last fitted or set
         self._calls: dict[int, int] = {}  # batch index -> calls seen (a shared quantizer runs twice)
+        self._fast_grid: Grid | None = None  # the grid _has_offset was computed for
+        self._has_offset = False
         self.register_buffer("running_min", torch.tensor(float("inf")))
         self.register_buffer("running_max", torch.tensor(float("-inf")))
 
@@ -170,16 +172,41 @@ class ActQuantizer(nn.Module):
         if self._priority.numel() > 2 * self.max_samples:  # amortised: prune only now and then
             self._prune(self.max_samples)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, inplace: bool = False) -> Tensor:
+        """Quantize ``x`` (mode ``quant``); ``inplace=True`` may overwrite ``x`` (a caller's private tensor)."""
         if self._mode == "off":
             return x
         if self._mode == "observe":
             self._observe(x)
             return x
-        assert self.grid is not None
-        if self.grid.scale.device != x.device:
-            self.grid = self.grid.to(x.device)
-        return self.grid.ste(x) if x.requires_grad else self.grid(x)  # STE while fine-tuning
+        grid = self.grid
+        assert grid is not None
+        if grid.scale.device != x.device:
+            grid = self.grid = grid.to(x.device)
+        if x.requires_grad:
+            return grid.ste(x)  # STE while fine-tuning
+        return self._quantize(grid, x, inplace)
+
+    def _quantize(self, grid: Grid, x: Tensor, inplace: bool) -> Tensor:
+        """``grid(x)`` with one new tensor at most (none with ``inplace``), bit for bit the same.
+
+        Mirrors ``Grid.__call__`` op for op (same ops, same operands, same order), only run in
+        place on the quotient instead of on fresh temporaries, and with the grid's "has an
+        offset" test cached instead of synchronised on every call (tests/test_export.py checks
+        the equality on every kind of grid and on whole compressed models).
+        """
+        if getattr(self, "_fast_grid", None) is not grid:  # the grid was set, fitted or moved since
+            self._fast_grid, self._has_offset = grid, bool(grid._offset.any())
+        per_tensor = grid.scale.dim() == 0 and x.is_floating_point()
+        if inplace and per_tensor:
+            v = x.div_(grid.scale)
+        elif per_tensor or x.dtype == torch.result_type(x, grid.scale):
+            v = x / grid.scale
+        else:
+            return grid(x)
+        if self._has_offset:
+            v.add_(grid._offset)
+        return v.round_().add_(grid._zp_int).clamp_(grid.qmin, grid.qmax).sub_(grid.zero_point).mul_(grid.scale)
 
     def extra_repr(self) -> str:
         kind = "unsigned" if self.unsigned else "symmetric" if self.symmetric else "affine"
@@ -278,8 +305,9 @@ class QuantLayer(nn.Module):
             out.append(("bias", self.layer.bias.numel(), 32))
         return out
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.act(x)
+    def forward(self, x: Tensor, inplace: bool = False) -> Tensor:
+        """``inplace=True``: ``x`` is the caller's private tensor, the input quantizer may overwrite it."""
+        x = self.act(x, inplace=True) if inplace and isinstance(self.act, ActQuantizer) else self.act(x)
         if self.master is None:
             return self.layer(x)
         weight = self._quantized(self.master)

@@ -232,9 +232,9 @@ def job_state(path: Path) -> State:
     if isinstance(marker, dict) and outputs.is_alive(marker):
         return State(RUNNING, error=f"running: {_marker_text(marker)}")
     metrics, problem = outputs.read_metrics(path)
-    if metrics is not None:
-        return State(OK, metrics=metrics)
     failure, failure_problem = outputs.read_json(path / outputs.FAILED_FILE)
+    if metrics is not None and not _failed_after(failure, path / outputs.METRICS_FILE):
+        return State(OK, metrics=metrics)
     if failure_problem != "missing" and not _restarted_after(marker, failure):
         return _failed_state(failure, failure_problem)
     if problem != "missing":
@@ -244,6 +244,13 @@ def job_state(path: Path) -> State:
             return State(KILLED, error=f"{outputs.RUNNING_FILE} {marker_problem or 'is not an object'}")
         return State(KILLED, error=f"killed: {_marker_text(marker)} is gone, no {outputs.METRICS_FILE}")
     return State(INCOMPLETE, error=f"no {outputs.METRICS_FILE}, {outputs.FAILED_FILE} or {outputs.RUNNING_FILE}")
+
+
+def _failed_after(failure: Any, metrics_file: Path) -> bool:
+    """Whether ``failed.json`` records a later attempt than the folder's metrics (e.g. a launch of
+    another config refused to overwrite them): the job's latest state is that failure."""
+    failed = failure.get("time") if isinstance(failure, dict) else None
+    return isinstance(failed, (int, float)) and not isinstance(failed, bool) and failed > _mtime(metrics_file)
 
 
 def _restarted_after(marker: Any, failure: Any) -> bool:

@@ -1,0 +1,141 @@
+"""Export of compressed models: the integer-code artifact, its loader, ONNX with Q/DQ nodes.
+
+- :func:`save` / :func:`load`: ``model.qaf.safetensors`` (integer codes at their bit widths,
+  grids, float leftovers, config and module manifest), and the exact module back from it.
+- :func:`export_onnx`: an ONNX graph with QuantizeLinear/DequantizeLinear nodes where the
+  fake-quant modules are (``qaf.export.onnx``).
+- :func:`export_run`: what a run with ``export=...`` writes beside its ``metrics.json``.
+- ``python -m qaf.export RUN_DIR``: the same for a finished run (its compression re-run from its
+  config, factorizations from the factor cache).
+
+docs/export.md describes the file format and the ONNX layout.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from qaf.export.artifact import ARTIFACT_NAME, load, read_metadata, save
+
+log = logging.getLogger("qaf")
+
+ONNX_NAME = "model.onnx"
+
+__all__ = ["ARTIFACT_NAME", "ONNX_NAME", "export_onnx", "export_options", "export_run", "input_size_of", "load",
+           "read_metadata", "save"]
+
+
+def export_onnx(*args: Any, **kwargs: Any) -> Any:
+    """See :func:`qaf.export.onnx.export_onnx` (imported lazily: it needs the ``onnx`` package)."""
+    from qaf.export.onnx import export_onnx as _export
+
+    return _export(*args, **kwargs)
+
+
+def export_options(cfg: Mapping[str, Any] | Any) -> tuple[bool, bool]:
+    """``(artifact, onnx)``: which files a run writes, from its ``export`` and ``export_onnx`` keys."""
+    return bool(cfg.get("export", False)), bool(cfg.get("export_onnx", False))
+
+
+def input_size_of(cfg: Mapping[str, Any] | Any) -> tuple[int, int, int]:
+    """``(C, H, W)`` of the run's images, read from its data config (no data loaded)."""
+    target = str((cfg.get("data") or {}).get("_target_", ""))
+    return (3, 32, 32) if "cifar" in target else (3, 224, 224)
+
+
+def _result_config(cfg: Any) -> dict[str, Any]:
+    from omegaconf import DictConfig
+
+    from qaf.config import result_config
+
+    if isinstance(cfg, DictConfig):
+        return result_config(cfg)
+    return dict(cfg or {})
+
+
+def export_run(model: nn.Module, cfg: Any, output_dir: str | Path, metrics: Mapping[str, Any] | None = None,
+               *, artifact: bool | None = None, onnx: bool | None = None, verify: bool = True) -> dict[str, Any]:
+    """Write what the config's ``export`` key asks for into ``output_dir``; return what was written.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The compressed, calibrated model (as evaluated).
+    cfg : DictConfig or dict
+        The run config (``export`` read by :func:`export_options`; the resolved result config is
+        stored in the artifact).
+    output_dir : path
+        The job folder (``metrics.json`` goes there).
+    metrics : mapping, optional
+        The run's metrics (``size_bytes`` and a few figures are recorded).
+    artifact, onnx : bool, optional
+        Override the config's choice.
+    verify : bool
+        Reload the artifact and check that it gives the exported model's logits bit for bit on
+        two random images (a second or so); raises ``RuntimeError`` when it does not.
+
+    Returns
+    -------
+    dict
+        Empty when nothing was asked for; else ``path``, ``bytes``, ``payload_bytes``,
+        ``header_bytes``, ``size_bytes`` (the storage model's figure), ``verified`` and, with
+        ONNX, ``onnx_path``, ``onnx_bytes``, ``seconds``.
+    """
+    want_artifact, want_onnx = export_options(cfg)
+    want_artifact = want_artifact if artifact is None else artifact
+    want_onnx = want_onnx if onnx is None else onnx
+    if not (want_artifact or want_onnx):
+        return {}
+    start = time.perf_counter()
+    output_dir = Path(output_dir)
+    config = _result_config(cfg)
+    metrics = dict(metrics or {})
+    size = metrics.get("size_bytes")
+    if size is None:
+        from qaf.metrics.size import size_bytes
+
+        size = size_bytes(model)
+    shape = input_size_of(config)
+    result: dict[str, Any] = {"size_bytes": size}
+    was_training = model.training
+    model.eval()
+    try:
+        if want_artifact:
+            result.update(save(model, output_dir / ARTIFACT_NAME, config=config, metrics=metrics))
+            if verify:
+                result["verified"] = _verify(model, Path(result["path"]), shape)
+            log.info("export: %s, %d bytes (%d of tensor data, %d of header); storage model %d bytes",
+                     result["path"], result["bytes"], result["payload_bytes"], result["header_bytes"], size)
+        if want_onnx:
+            onnx_path = output_dir / ONNX_NAME
+            export_onnx(model, onnx_path, input_size=shape)
+            result.update({"onnx_path": str(onnx_path), "onnx_bytes": onnx_path.stat().st_size})
+            log.info("export: %s, %d bytes", onnx_path, result["onnx_bytes"])
+    finally:
+        model.train(was_training)
+    result["seconds"] = round(time.perf_counter() - start, 3)
+    return result
+
+
+@torch.no_grad()
+def _verify(model: nn.Module, path: Path, shape: tuple[int, int, int]) -> bool:
+    """The reloaded artifact gives ``model``'s logits bit for bit on the CPU (raises otherwise).
+
+    False when the artifact cannot be reloaded by itself (its config names no model builder).
+    """
+    if "_target_" not in (read_metadata(path)["config"].get("model") or {}):
+        return False
+    reference = model if next(model.parameters()).device.type == "cpu" else copy.deepcopy(model).cpu()
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+    expected, got = reference(x), load(path)(x)
+    if not torch.equal(expected, got):
+        raise RuntimeError(f"export: {path} reloads to a model whose logits differ from the exported one's "
+                           f"(max |diff| {float((expected - got).abs().max()):.3g})")
+    return True

@@ -60,11 +60,12 @@ FP32 = correct(0.92)
 
 def metrics_of(c1: np.ndarray, method: str, bits: int = 4, act_bits: int = 8, rate: float = 2.0, seed: int = 0,
                bops_pct: float = 5.0, bops_pct_paper: float | None = None, size_bytes: int = 150_000,
-               policy: str = "uniform", bn: bool = True, model: str = MODEL, data: str = DATA,
+               policy: str = "uniform", bn: bool | None = None, model: str = MODEL, data: str = DATA,
                fp32: np.ndarray = FP32) -> dict:
     """A metrics.json as the pipeline writes it, consistent with the correctness array ``c1``."""
     n = int(c1.size)
     fp32 = fp32[:n]
+    bn = method != "fp32" if bn is None else bn  # the protocol's default: the float model as it is
     return {
         "method": method, "model": model, "data": data, "bits": bits, "act_bits": act_bits, "rate": rate,
         "seed": seed, "policy": policy, "top1": 100.0 * c1.mean(), "top5": min(100.0, 100.0 * c1.mean() + 5),
@@ -565,3 +566,16 @@ def test_wandb_offline_run_with_table_and_scatter(sweep: Path, tmp_path: Path,
     run_dir = Path(run_dirs[0])
     assert run_dir.name.startswith("offline-run-")
     assert list(run_dir.glob("*.wandb"))
+
+
+def test_float_model_with_reestimated_bn_is_its_own_row(tmp_path: Path) -> None:
+    # fp32 with protocol.bn_recalibration=true is another model than the plain float one: two runs
+    # of it must not be averaged with the plain model into one row.
+    root = tmp_path / "s"
+    plain, recal = correct(0.92, seed=1), correct(0.89, seed=2)
+    run_job(root / "0", "fp32", plain, ["method=fp32"], bits=32, act_bits=32, bn=False)
+    run_job(root / "1", "fp32", recal, ["method=fp32", "protocol.bn_recalibration=true"], bits=32, act_bits=32,
+            bn=True)
+    floats = [r for r in aggregate(collect_sweep(root)) if r.method == "fp32"]
+    assert sorted(r.top1 for r in floats) == pytest.approx(sorted([100 * plain.mean(), 100 * recal.mean()]))
+    assert {r.protocol[1] for r in floats if r.protocol} == {"on, train transform"}

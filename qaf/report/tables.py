@@ -206,7 +206,12 @@ def job_key(job: Job) -> Key:
     method = str(m.get("method", job.method))
     n = m.get("eval_samples")
     if method == FLOAT_METHOD:
-        return Key(str(m.get("model", "?")), str(m.get("data", "?")), method, 32, 32, None, n)
+        # The plain float model has no protocol; one with re-estimated BN (or fine-tuned) is
+        # another model, with its own row.
+        proto = m.get("protocol") if isinstance(m.get("protocol"), dict) else {}
+        changed = bool(proto.get("bn_recalibration") or proto.get("finetune"))
+        return Key(str(m.get("model", "?")), str(m.get("data", "?")), method, 32, 32, None, n,
+                   protocol_of(m) if changed else ())
     rate = float(m["rate"]) if method in FACTORIZING and m.get("rate") is not None else None
     # Swept method options (method.clip=mse, ...) are different methods, not repeats to average.
     variant = ",".join(sorted(o.split(".", 1)[1] for o in job.overrides if o.startswith("method.")))

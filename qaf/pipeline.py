@@ -28,11 +28,11 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 
 from qaf import lit, outputs, provenance
-from qaf.export import export_options, export_run
 from qaf.cache import FactorCache, key_digest, tensor_digest
 from qaf.calib import observing_activations, recalibrating_bn
 from qaf.config import ConfigError, config_hash, result_config, validate
 from qaf.data import DataBundle
+from qaf.export import export_options, export_run
 from qaf.methods.base import CompressContext, Method
 from qaf.metrics import bops as cost
 from qaf.metrics.size import size_bytes
@@ -40,6 +40,7 @@ from qaf.metrics.stats import paired_comparison, wilson_interval
 from qaf.quant.policy import LayerPolicy
 
 log = logging.getLogger("qaf")
+
 
 class Stages(dict):
     """Seconds per pipeline stage, and the stage running now (named by ``failed.json``)."""
@@ -334,7 +335,11 @@ def _run(cfg: DictConfig, output_dir: Path, chash: str, stages: Stages, writer: 
     metrics["compression_ratio"] = fp32_size / metrics["size_bytes"]
     if writer and any(export_options(cfg)):
         with stages.stage("export"):
-            metrics["export"] = export_run(model, cfg, output_dir, metrics)
+            try:
+                metrics["export"] = export_run(model, cfg, output_dir, metrics)
+            except Exception as err:  # the evaluation stands: keep it, and say why nothing was exported
+                log.error("export failed (%s: %s); metrics.json is written without it", type(err).__name__, err)
+                metrics["export"] = {"error": f"{type(err).__name__}: {err}"}
         metrics["timings"] = dict(stages)
     if writer:
         np.savez_compressed(output_dir / outputs.PREDICTIONS_FILE, correct1=np.packbits(result.correct1),

@@ -425,3 +425,17 @@ def test_lapq_on_torchvision_resnet_exports_and_reloads(cache_dir, tmp_path):
     result = export_run(model, cfg, tmp_path, artifact=True, onnx=True)
     assert read_metadata(result["path"])["manifest"]["split_shared_relus"]
     assert _same_bits(_logits(load(result["path"]), data.eval.images), _logits(model, data.eval.images))
+
+
+def test_a_failing_export_keeps_the_runs_metrics(cache_dir, tmp_path, monkeypatch):
+    import qaf.pipeline
+    from qaf.pipeline import run
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(qaf.pipeline, "export_run", broken)
+    monkeypatch.chdir(tmp_path)
+    metrics = run(_cfg(cache_dir, "method=ptq", "sweep_id=exp", "export=true"))
+    saved = json.loads((tmp_path / "multirun_outputs" / "exp" / "metrics.json").read_text())
+    assert saved["top1"] == metrics["top1"] and saved["export"] == {"error": "OSError: disk full"}

@@ -40,7 +40,7 @@ SEED_MAX = 2**32 - 1  # numpy's (and Lightning's seed_everything's) limit
 # resumed with other values for them (another machine, more GPUs, quiet console) skips finished
 # jobs. Dotted keys name nested entries.
 EXECUTION_KEYS = ("sweep_id", "resume", "overwrite", "progress", "logger", "cache", "hydra", "device",
-                  "export", "export_onnx", "trainer.devices", "trainer.accelerator", "trainer.strategy",
+                  "export", "trainer.devices", "trainer.accelerator", "trainer.strategy",
                   "data.num_workers")
 
 
@@ -112,9 +112,12 @@ def validate(cfg: DictConfig) -> None:
         check_int(key, cfg.get(key), *BITS_RANGE)
     check_number("rate", cfg.get("rate"), 1, low_open=True)
     check_int("seed", cfg.get("seed"), 0, SEED_MAX)
-    for key in ("resume", "overwrite", "progress", "export", "export_onnx"):
-        if key in cfg:
-            check_bool(key, cfg.get(key))
+    for key in ("resume", "overwrite", "progress", "export.artifact", "export.onnx"):
+        value = OmegaConf.select(cfg, key, default=False) if key.startswith("export.") else cfg.get(key, False)
+        check_bool(key, value)
+    if not isinstance(cfg.get("export", False), (bool, DictConfig)):
+        raise ConfigError(f"export={cfg.get('export')!r} is invalid: accepted true, false, "
+                          "or export.artifact / export.onnx set to true or false")
     device = cfg.get("device", "auto")
     if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
         raise ConfigError(f"device={device!r} is invalid: accepted auto, cpu, cuda or cuda:N")

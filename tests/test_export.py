@@ -115,8 +115,8 @@ def test_encode_decode(bits):
 def test_export_options_accepts_both_forms():
     assert export_options({"export": True}) == (True, False)
     assert export_options({"export": False}) == (False, False)
-    assert export_options({"export": True, "export_onnx": True}) == (True, True)
-    assert export_options({"export": False, "export_onnx": True}) == (False, True)
+    assert export_options({"export": {"artifact": True, "onnx": True}}) == (True, True)
+    assert export_options({"export": {"artifact": False, "onnx": True}}) == (False, True)
 
 
 # -------------------------------------------------------------------------- fast evaluation path
@@ -378,7 +378,7 @@ def test_pipeline_writes_the_artifact_when_export_is_on(cache_dir, tmp_path, mon
     from qaf.pipeline import run
 
     monkeypatch.chdir(tmp_path)
-    metrics = run(_cfg(cache_dir, "method=ptq", "sweep_id=exp", "export=true", "export_onnx=true"))
+    metrics = run(_cfg(cache_dir, "method=ptq", "sweep_id=exp", "export.artifact=true", "export.onnx=true"))
     path = tmp_path / "multirun_outputs" / "exp" / ARTIFACT_NAME
     assert metrics["export"]["verified"] and (path.parent / "model.onnx").is_file()
     assert "export" in metrics["timings"]

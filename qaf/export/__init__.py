@@ -40,8 +40,14 @@ def export_onnx(*args: Any, **kwargs: Any) -> Any:
 
 
 def export_options(cfg: Mapping[str, Any] | Any) -> tuple[bool, bool]:
-    """``(artifact, onnx)``: which files a run writes, from its ``export`` and ``export_onnx`` keys."""
-    return bool(cfg.get("export", False)), bool(cfg.get("export_onnx", False))
+    """``(artifact, onnx)``: which files a run writes.
+
+    ``export=true`` asks for the artifact; ``export.artifact`` and ``export.onnx`` choose each file.
+    """
+    node = cfg.get("export", False)
+    if node is None or isinstance(node, bool):
+        return bool(node), False
+    return bool(node.get("artifact", False)), bool(node.get("onnx", False))
 
 
 def input_size_of(cfg: Mapping[str, Any] | Any) -> tuple[int, int, int]:

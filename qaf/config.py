@@ -113,8 +113,7 @@ def validate(cfg: DictConfig) -> None:
     check_number("rate", cfg.get("rate"), 1, low_open=True)
     check_int("seed", cfg.get("seed"), 0, SEED_MAX)
     for key in ("resume", "overwrite", "progress", "export.artifact", "export.onnx"):
-        value = OmegaConf.select(cfg, key, default=False) if key.startswith("export.") else cfg.get(key, False)
-        check_bool(key, value)
+        check_bool(key, OmegaConf.select(cfg, key, default=False))
     if not isinstance(cfg.get("export", False), (bool, DictConfig)):
         raise ConfigError(f"export={cfg.get('export')!r} is invalid: accepted true, false, "
                           "or export.artifact / export.onnx set to true or false")

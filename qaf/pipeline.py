@@ -15,6 +15,7 @@ import copy
 import logging
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -238,21 +239,9 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _run(cfg: DictConfig, output_dir: Path, chash: str, stages: Stages, writer: bool, loggers: list[Any]) -> dict:
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    device = resolve_device(str(cfg.device))
-    progress = bool(cfg.progress)
     with stages.stage("setup"):
-        model: nn.Module = build(cfg.model)
-        check_weights(model)
-        data: DataBundle = build(cfg.data)
-        method: Method = build(cfg.method, bits=cfg.bits, act_bits=cfg.act_bits, rate=float(cfg.rate))
-        policy = LayerPolicy.from_config(cfg.policy)
-        finetune = build(cfg.finetune) if cfg.get("finetune") else None
-        cache = FactorCache(cfg.cache.dir, enabled=bool(cfg.cache.enabled))
-        ctx = CompressContext(data=data, device=device, policy=policy, cache=cache, seed=int(cfg.seed),
-                              progress=progress)
-        method.check(model, ctx)
-        teacher = copy.deepcopy(model) if finetune is not None else None
+        job = setup(cfg)
+    model, data, method, policy, finetune = job.model, job.data, job.method, job.policy, job.finetune
     # The job's W&B run starts now, so a job that fails later is a failed run on the dashboard too.
     logger = build_logger(cfg, output_dir, job_name=output_dir.name, job_type=method.name) if writer else False
     if logger:
@@ -261,33 +250,16 @@ def _run(cfg: DictConfig, output_dir: Path, chash: str, stages: Stages, writer: 
              chash, method.name, policy.name, cfg.bits, cfg.act_bits, cfg.rate, data.name, len(data.eval),
              data.calib_samples, output_dir)
 
-    trainer_kw = dict(accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
-                      precision=cfg.trainer.precision, root_dir=str(output_dir))
-
-    def trainer_for(loader: Any, logger: Any = False) -> pl.Trainer:
-        return lit.make_trainer(logger=logger, progress=lit.show_progress(loader, progress), **trainer_kw)
-
+    trainer_kw, trainer_for = trainers(cfg, output_dir)
     fp32_costs = cost.layer_costs(model, data.input_size)
     fp32_size = size_bytes(model)
     with stages.stage("fp32_eval"):
-        fp32 = float_baseline(cfg, model, data, trainer_for(data.eval_loader()), cache)
+        fp32 = float_baseline(cfg, model, data, trainer_for(data.eval_loader()), job.ctx.cache)
     log.info("float model: top-1 %.2f%% (%.1f s)", fp32.top1, stages["fp32_eval"])
 
-    with stages.stage("compress"):
-        layers = method.compress(model.to(device), ctx)
-    log.info("compress (%s): %d layers (%.1f s)", method.name, len(layers), stages["compress"])
     protocol = {"bn_recalibration": bool(cfg.protocol.bn_recalibration), **data.protocol(),
                 "policy": policy.as_dict(), "finetune": finetune.as_dict() if finetune is not None else None}
-    finetune_summary = None
-    recalibrate(cfg, model, data, stages, trainer_for)
-    observe(model, data, stages, trainer_for)
-    if finetune is not None:
-        with stages.stage("finetune"):
-            ft_trainer = finetune_trainer(finetune, progress, trainer_kw)
-            finetune_summary = finetune.run(model, teacher, data, ft_trainer)
-        log.info("finetune: %d steps, KD loss %.4f -> %.4f (%.1f s)", finetune.steps, finetune_summary["first_loss"],
-                 finetune_summary["last_loss"], stages["finetune"])
-        recalibrate(cfg, model, data, stages, trainer_for, after="finetune")
+    layers, finetune_summary = compress_and_calibrate(cfg, job, stages, trainer_kw, trainer_for)
 
     with stages.stage("eval"):
         loader = data.eval_loader()
@@ -336,7 +308,7 @@ def _run(cfg: DictConfig, output_dir: Path, chash: str, stages: Stages, writer: 
     if writer and any(export_options(cfg)):
         with stages.stage("export"):
             try:
-                metrics["export"] = export_run(model, cfg, output_dir, metrics)
+                metrics["export"] = export_run(model, cfg, output_dir, data.input_size, metrics)
             except Exception as err:  # the evaluation stands: keep it, and say why nothing was exported
                 log.error("export failed (%s: %s); metrics.json is written without it", type(err).__name__, err)
                 metrics["export"] = {"error": f"{type(err).__name__}: {err}"}
@@ -352,6 +324,72 @@ def _run(cfg: DictConfig, output_dir: Path, chash: str, stages: Stages, writer: 
              metrics["top1"], lo, hi, metrics["fp32_top1"], metrics["bops_pct"], metrics["size_bytes"] / 1e3,
              metrics["compression_ratio"], output_dir / outputs.METRICS_FILE)
     return metrics
+
+
+@dataclass
+class Job:
+    """What a run builds from its config before any pass over data."""
+
+    model: nn.Module
+    data: DataBundle
+    method: Method
+    policy: LayerPolicy
+    finetune: Any  # a fine-tuning step (qaf.finetune.Distillation) or None
+    teacher: nn.Module | None  # the float model, kept for distillation
+    ctx: CompressContext
+
+
+def setup(cfg: DictConfig) -> Job:
+    """Seed, then build model, data, method, policy and fine-tuning from ``cfg``; ``method.check``.
+
+    Raises ``ConfigError`` (bad weights, options the method rejects) before any heavy work.
+    """
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    device = resolve_device(str(cfg.device))
+    model: nn.Module = build(cfg.model)
+    check_weights(model)
+    data: DataBundle = build(cfg.data)
+    method: Method = build(cfg.method, bits=cfg.bits, act_bits=cfg.act_bits, rate=float(cfg.rate))
+    policy = LayerPolicy.from_config(cfg.policy)
+    finetune = build(cfg.finetune) if cfg.get("finetune") else None
+    cache = FactorCache(cfg.cache.dir, enabled=bool(cfg.cache.enabled))
+    ctx = CompressContext(data=data, device=device, policy=policy, cache=cache, seed=int(cfg.seed),
+                          progress=bool(cfg.get("progress", False)))
+    method.check(model, ctx)
+    teacher = copy.deepcopy(model) if finetune is not None else None
+    return Job(model, data, method, policy, finetune, teacher, ctx)
+
+
+def trainers(cfg: DictConfig, root_dir: Path | str) -> tuple[dict, Any]:
+    """The Lightning settings of a run and a factory of trainers for one loader (progress bar or not)."""
+    progress = bool(cfg.get("progress", False))
+    trainer_kw = dict(accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
+                      precision=cfg.trainer.precision, root_dir=str(root_dir))
+
+    def trainer_for(loader: Any, logger: Any = False) -> pl.Trainer:
+        return lit.make_trainer(logger=logger, progress=lit.show_progress(loader, progress), **trainer_kw)
+
+    return trainer_kw, trainer_for
+
+
+def compress_and_calibrate(cfg: DictConfig, job: Job, stages: Stages, trainer_kw: dict,
+                           trainer_for: Any) -> tuple[list[dict], dict | None]:
+    """Compress ``job.model`` in place, then the protocol: BN re-estimation, activation observation,
+    [fine-tuning, BN re-estimation]. Returns the method's per-layer report and the fine-tuning summary."""
+    model, data, method, finetune = job.model, job.data, job.method, job.finetune
+    with stages.stage("compress"):
+        layers = method.compress(model.to(job.ctx.device), job.ctx)
+    log.info("compress (%s): %d layers (%.1f s)", method.name, len(layers), stages["compress"])
+    recalibrate(cfg, model, data, stages, trainer_for)
+    observe(model, data, stages, trainer_for)
+    if finetune is None:
+        return layers, None
+    with stages.stage("finetune"):
+        summary = finetune.run(model, job.teacher, data, finetune_trainer(finetune, job.ctx.progress, trainer_kw))
+    log.info("finetune: %d steps, KD loss %.4f -> %.4f (%.1f s)", finetune.steps, summary["first_loss"],
+             summary["last_loss"], stages["finetune"])
+    recalibrate(cfg, model, data, stages, trainer_for, after="finetune")
+    return layers, summary
 
 
 def recalibrate(cfg: DictConfig, model: nn.Module, data: DataBundle, stages: Stages, trainer_for: Any,

@@ -83,7 +83,7 @@ def exported(cache_dir, tmp_path_factory):
             cfg = _cfg(cache_dir, *FAMILIES[family])
             model, data = compressed_model(cfg)
             out = tmp_path_factory.mktemp(family)
-            result = export_run(model, cfg, out, {"size_bytes": size_bytes(model)}, artifact=True, onnx=True)
+            result = export_run(model, cfg, out, data.input_size, {"size_bytes": size_bytes(model)}, artifact=True, onnx=True)
             done[family] = (model, data, result)
         return done[family]
 
@@ -395,7 +395,7 @@ def test_torchvision_resnet_exports_and_reloads(cache_dir, tmp_path):
     cfg = _cfg(cache_dir, "model=resnet18", "model.pretrained=false", "method=ptq", "method.per_channel=true",
                "method.clip=minmax", "method.act_clip=minmax", eval_samples=16)
     model, data = compressed_model(cfg)
-    result = export_run(model, cfg, tmp_path, artifact=True, onnx=True)
+    result = export_run(model, cfg, tmp_path, data.input_size, artifact=True, onnx=True)
     images = data.eval.images
     assert _same_bits(_logits(load(result["path"]), images), _logits(model, images))
     got = onnx_logits(session(result["onnx_path"], level="basic"), images)
@@ -422,7 +422,7 @@ def test_lapq_on_torchvision_resnet_exports_and_reloads(cache_dir, tmp_path):
     cfg = _cfg(cache_dir, "model=resnet18", "model.pretrained=false", "method=lapq", "method.calib_samples=32",
                "method.p_count=3", "method.maxiter=0", "method.reuse_blocks=false", eval_samples=64)
     model, data = compressed_model(cfg)
-    result = export_run(model, cfg, tmp_path, artifact=True, onnx=True)
+    result = export_run(model, cfg, tmp_path, data.input_size, artifact=True, onnx=True)
     assert read_metadata(result["path"])["manifest"]["split_shared_relus"]
     assert _same_bits(_logits(load(result["path"]), data.eval.images), _logits(model, data.eval.images))
 

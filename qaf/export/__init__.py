@@ -28,7 +28,7 @@ log = logging.getLogger("qaf")
 
 ONNX_NAME = "model.onnx"
 
-__all__ = ["ARTIFACT_NAME", "ONNX_NAME", "export_onnx", "export_options", "export_run", "input_size_of", "load",
+__all__ = ["ARTIFACT_NAME", "ONNX_NAME", "export_onnx", "export_options", "export_run", "load",
            "read_metadata", "save"]
 
 
@@ -50,12 +50,6 @@ def export_options(cfg: Mapping[str, Any] | Any) -> tuple[bool, bool]:
     return bool(node.get("artifact", False)), bool(node.get("onnx", False))
 
 
-def input_size_of(cfg: Mapping[str, Any] | Any) -> tuple[int, int, int]:
-    """``(C, H, W)`` of the run's images, read from its data config (no data loaded)."""
-    target = str((cfg.get("data") or {}).get("_target_", ""))
-    return (3, 32, 32) if "cifar" in target else (3, 224, 224)
-
-
 def _result_config(cfg: Any) -> dict[str, Any]:
     from omegaconf import DictConfig
 
@@ -66,8 +60,9 @@ def _result_config(cfg: Any) -> dict[str, Any]:
     return dict(cfg or {})
 
 
-def export_run(model: nn.Module, cfg: Any, output_dir: str | Path, metrics: Mapping[str, Any] | None = None,
-               *, artifact: bool | None = None, onnx: bool | None = None, verify: bool = True) -> dict[str, Any]:
+def export_run(model: nn.Module, cfg: Any, output_dir: str | Path, input_size: tuple[int, int, int],
+               metrics: Mapping[str, Any] | None = None, *, artifact: bool | None = None,
+               onnx: bool | None = None, verify: bool = True) -> dict[str, Any]:
     """Write what the config's ``export`` key asks for into ``output_dir``; return what was written.
 
     Parameters
@@ -79,6 +74,8 @@ def export_run(model: nn.Module, cfg: Any, output_dir: str | Path, metrics: Mapp
         stored in the artifact).
     output_dir : path
         The job folder (``metrics.json`` goes there).
+    input_size : tuple of int
+        ``(C, H, W)`` of the run's images (``DataBundle.input_size``).
     metrics : mapping, optional
         The run's metrics (``size_bytes`` and a few figures are recorded).
     artifact, onnx : bool, optional
@@ -108,7 +105,6 @@ def export_run(model: nn.Module, cfg: Any, output_dir: str | Path, metrics: Mapp
         from qaf.metrics.size import size_bytes
 
         size = size_bytes(model)
-    shape = input_size_of(config)
     result: dict[str, Any] = {"size_bytes": size}
     was_training = model.training
     model.eval()
@@ -116,12 +112,12 @@ def export_run(model: nn.Module, cfg: Any, output_dir: str | Path, metrics: Mapp
         if want_artifact:
             result.update(save(model, output_dir / ARTIFACT_NAME, config=config, metrics=metrics))
             if verify:
-                result["verified"] = _verify(model, Path(result["path"]), shape)
+                result["verified"] = _verify(model, Path(result["path"]), input_size)
             log.info("export: %s, %d bytes (%d of tensor data, %d of header); storage model %d bytes",
                      result["path"], result["bytes"], result["payload_bytes"], result["header_bytes"], size)
         if want_onnx:
             onnx_path = output_dir / ONNX_NAME
-            export_onnx(model, onnx_path, input_size=shape)
+            export_onnx(model, onnx_path, input_size=input_size)
             result.update({"onnx_path": str(onnx_path), "onnx_bytes": onnx_path.stat().st_size})
             log.info("export: %s, %d bytes", onnx_path, result["onnx_bytes"])
     finally:

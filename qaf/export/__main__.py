@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     cfg = config_of_run(run_dir, cache_dir=args.cache_dir, device=args.device)
     model, data = compressed_model(cfg)
-    result = export_run(model, cfg, run_dir, metrics, artifact=True, onnx=args.onnx)
+    result = export_run(model, cfg, run_dir, data.input_size, metrics, artifact=True, onnx=args.onnx)
     result["run_top1"] = metrics.get("top1")
     if not args.no_check:
         loader = data.eval_loader()

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -100,42 +99,15 @@ def compressed_model(cfg: DictConfig, root_dir: str | Path | None = None) -> tup
     tuple
         ``(model, data)``: the model in eval mode and the run's :class:`qaf.data.DataBundle`.
     """
-    from qaf import lit
-    from qaf.cache import FactorCache
     from qaf.config import validate
-    from qaf.methods.base import CompressContext
-    from qaf.pipeline import Stages, build, check_weights, finetune_trainer, observe, recalibrate, resolve_device
-    from qaf.quant.policy import LayerPolicy
+    from qaf.pipeline import Stages, compress_and_calibrate, setup, trainers
 
     validate(cfg)
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    device = resolve_device(str(cfg.device))
-    progress = bool(cfg.get("progress", False))
-    model: nn.Module = build(cfg.model)
-    check_weights(model)
-    data = build(cfg.data)
-    method = build(cfg.method, bits=cfg.bits, act_bits=cfg.act_bits, rate=float(cfg.rate))
-    policy = LayerPolicy.from_config(cfg.policy)
-    finetune = build(cfg.finetune) if cfg.get("finetune") else None
-    cache = FactorCache(cfg.cache.dir, enabled=bool(cfg.cache.enabled))
-    ctx = CompressContext(data=data, device=device, policy=policy, cache=cache, seed=int(cfg.seed), progress=progress)
-    method.check(model, ctx)
-    teacher = copy.deepcopy(model) if finetune is not None else None
+    job = setup(cfg)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer_kw = dict(accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
-                          precision=cfg.trainer.precision, root_dir=str(root_dir or tmp))
-
-        def trainer_for(loader: Any, logger: Any = False) -> pl.Trainer:
-            return lit.make_trainer(logger=logger, progress=lit.show_progress(loader, progress), **trainer_kw)
-
-        stages = Stages()
-        method.compress(model.to(device), ctx)
-        recalibrate(cfg, model, data, stages, trainer_for)
-        observe(model, data, stages, trainer_for)
-        if finetune is not None:
-            finetune.run(model, teacher, data, finetune_trainer(finetune, progress, trainer_kw))
-            recalibrate(cfg, model, data, stages, trainer_for, after="finetune")
-    return model.eval(), data
+        trainer_kw, trainer_for = trainers(cfg, root_dir or tmp)
+        compress_and_calibrate(cfg, job, Stages(), trainer_kw, trainer_for)
+    return job.model.eval(), job.data
 
 
 @torch.no_grad()

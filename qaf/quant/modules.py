@@ -195,7 +195,7 @@ class ActQuantizer(nn.Module):
         offset" test cached instead of synchronised on every call (tests/test_export.py checks
         the equality on every kind of grid and on whole compressed models).
         """
-        if getattr(self, "_fast_grid", None) is not grid:  # the grid was set, fitted or moved since
+        if self._fast_grid is not grid:  # the grid was set, fitted or moved since
             self._fast_grid, self._has_offset = grid, bool(grid._offset.any())
         per_tensor = grid.scale.dim() == 0 and x.is_floating_point()
         if inplace and per_tensor:

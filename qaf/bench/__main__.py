@@ -1,0 +1,67 @@
+"""``python -m qaf.bench [--quick] [--only solvers|latency]``: the benchmarks of :mod:`qaf.bench`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from qaf.bench import ROOT
+from qaf.bench.latency import BATCHES, latency_table
+from qaf.bench.solvers import solver_figures
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark, print the figures and write ``bench.json``."""
+    parser = argparse.ArgumentParser(description="qaf benchmarks: solver speed and model latency (bench.json)")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer sweeps and repeats; latency of ResNet-20 only, onnxruntime default level only")
+    parser.add_argument("--only", choices=("solvers", "latency"), default=None, help="run one part only")
+    parser.add_argument("--latency", action="store_true", help="same as --only latency")
+    parser.add_argument("--resnet18-solver", action="store_true",
+                        help="also time the whole ResNet-18 admm_epc (default budgets: far over 10 minutes on a "
+                             "2-core CPU; on by default with CUDA)")
+    parser.add_argument("--ort-levels", default=None,
+                        help="onnxruntime optimization levels to time, comma-separated (default: all,basic; "
+                             "--quick: all)")
+    parser.add_argument("--out", default=str(ROOT / "bench.json"))
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; 1 is far faster on a busy machine)")
+    args = parser.parse_args(argv)
+    if args.latency:
+        args.only = "latency"
+    if args.ort_levels is None:
+        args.ort_levels = "all" if args.quick else "all,basic"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.resnet18_solver = args.resnet18_solver or device.type == "cuda"
+    start = time.perf_counter()
+    result: dict = {"device": str(device), "threads": torch.get_num_threads(), "quick": args.quick}
+    if args.only != "latency":
+        result.update(solver_figures(args, device))
+    if args.only != "solvers":
+        print(f"latency: onnxruntime CPU ({', '.join(args.ort_levels.split(','))}), batches {BATCHES}, "
+              f"{torch.get_num_threads()} threads")
+        result["latency"] = latency_table(args)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB -> GiB
+    if device.type == "cuda":
+        peak = max(peak, torch.cuda.max_memory_allocated() / 1024**3)
+    print(f"peak memory         {peak:8.2f} GB; {time.perf_counter() - start:.0f} s in all")
+    result["peak_mem_gb"] = peak
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    tmp = f"{args.out}.tmp{os.getpid()}"
+    Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, args.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()

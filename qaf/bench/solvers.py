@@ -1,0 +1,110 @@
+"""Solver speed: ALS against tensorly and the FLOP bound, AO-ADMM, the ResNet-18 ``admm_epc``.
+
+On a 512 x 512 x 9 tensor at rank 1141 (ResNet-18's largest layer at rate 2), on the solvers'
+device: seconds per ALS sweep of :func:`qaf.decomp.cp_als` and of tensorly's ``parafac`` and their
+ratio; the FLOP bound of one ALS sweep (3 MTTKRPs, 3 Gram updates, 3 Cholesky factorizations and the
+triangular solves) at the float32 matmul rate measured in the same run; seconds per AO-ADMM outer
+iteration (default inner budget); with ``--resnet18-solver`` (default with CUDA) the whole ResNet-18
+``admm_epc`` (random-init torchvision weights, rate 2, 4 bits, the budgets of
+``conf/cp_solver/default.yaml``, no cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from qaf.bench import per_iteration, timed
+from qaf.decomp.admm import cp_admm
+from qaf.decomp.cp import cp_als, init_factors
+
+SHAPE, RANK = (512, 512, 9), 1141
+
+
+def matmul_rate(device: torch.device) -> float:
+    """Measured float32 GEMM rate (FLOP/s) on the MTTKRP's shape, best of 3."""
+    i, j, k = SHAPE
+    a = torch.randn(i * k, j, device=device)
+    b = torch.randn(j, RANK, device=device)
+    a @ b
+    best = min(timed(lambda: (a @ b).sum().item()) for _ in range(3))
+    return 2.0 * i * j * k * RANK / best
+
+
+def als_flops() -> float:
+    """FLOPs of one ALS sweep: MTTKRPs, Grams, Cholesky factorizations, triangular solves."""
+    i, j, k = SHAPE
+    r = RANK
+    mttkrp = 3 * 2.0 * i * j * k * r
+    grams = sum(2.0 * n * r * r for n in SHAPE)
+    chol = 3 * r**3 / 3.0
+    solves = sum(2.0 * n * r * r for n in SHAPE)  # forward + backward substitution, n RHS each
+    return mttkrp + grams + chol + solves
+
+
+def resnet18_admm_epc(device: torch.device) -> tuple[float, list[dict]]:
+    """Seconds for ``admm_epc`` on a random-init ResNet-18 with the config's default budgets."""
+    import torchvision
+    from omegaconf import OmegaConf
+
+    from qaf.export.rerun import compose
+    from qaf.methods.base import CompressContext
+    from qaf.methods.cp import ADMMEPC
+    from qaf.quant.policy import LayerPolicy
+
+    cfg = compose("method=admm_epc", "model=resnet18")
+    opts = OmegaConf.to_container(cfg.method, resolve=True)
+    opts.pop("_target_")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    method = ADMMEPC(bits=4, act_bits=8, rate=2.0, **opts)
+    ctx = CompressContext(data=None, device=device, policy=LayerPolicy.from_config(cfg.policy), cache=None, seed=0,
+                          progress=True)
+    start = time.perf_counter()
+    reports = method.compress(model, ctx)
+    return time.perf_counter() - start, reports
+
+
+def solver_figures(args: argparse.Namespace, device: torch.device) -> dict:
+    """ALS / tensorly / FLOP bound / ADMM figures (and the ResNet-18 ``admm_epc`` run when asked)."""
+    print(f"device {device}, {torch.get_num_threads()} threads, tensor {SHAPE} rank {RANK}")
+    gen = torch.Generator().manual_seed(0)
+    tensor = torch.randn(*SHAPE, generator=gen).to(device)
+    start = init_factors(tensor, RANK, "random", torch.Generator().manual_seed(1))
+
+    few, many = (1, 2) if args.quick else (1, 4)
+    als = per_iteration(lambda n: cp_als(tensor, RANK, n_iter=n, tol=0.0, init=list(start)), few, many)
+    print(f"ALS (ours)          {als:8.3f} s/iter")
+
+    import tensorly as tl
+    from tensorly.decomposition import parafac
+
+    tl.set_backend("numpy")
+    arr = tensor.cpu().numpy()
+    tly = per_iteration(
+        lambda n: parafac(arr, RANK, n_iter_max=n, init="random", tol=0.0, random_state=0), 1, 2
+    )
+    print(f"ALS (tensorly)      {tly:8.3f} s/iter   speed-up {tly / max(als, 1e-12):6.1f}x")
+
+    rate = matmul_rate(device)
+    bound = als_flops() / rate
+    print(f"FLOP bound          {bound:8.3f} s/iter   ({als_flops() / 1e9:.1f} GFLOP at "
+          f"{rate / 1e9:.1f} GFLOP/s; ours / bound {als / bound:5.2f})")
+
+    from qaf.quant.uniform import make_grid
+
+    admm = per_iteration(
+        lambda n: cp_admm(tensor, list(start), lambda x: make_grid(x, 4), max_outer=n, max_inner=10,
+                          patience=10**6),
+        1, 2 if args.quick else 3,
+    )
+    print(f"ADMM outer iter     {admm:8.3f} s/iter")
+
+    resnet_s = None
+    if args.resnet18_solver and not args.quick:
+        resnet_s, reports = resnet18_admm_epc(device)
+        print(f"ResNet-18 admm_epc  {resnet_s:8.1f} s ({len(reports)} layers)")
+    return {"als_s_per_iter": als, "tensorly_s_per_iter": tly, "gemm_bound_s_per_iter": bound,
+            "admm_s_per_outer_iter": admm, "resnet18_admm_epc_s": resnet_s}

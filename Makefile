@@ -8,8 +8,11 @@ PIP ?= $(PYTHON) -m pip
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
 
-install: ## install qaf and its test tools (pip, editable)
+install: .make/installed ## install qaf and its test tools (pip, editable; again only when pyproject.toml changes)
+
+.make/installed: pyproject.toml
 	$(PIP) install -q -e ".[dev]"
+	@mkdir -p .make && touch $@
 
 run: install ## the default job: fp32 and ptq on the embedded CIFAR-10 ResNet-20
 	$(PYTHON) run.py -m method=fp32,ptq
@@ -17,11 +20,14 @@ run: install ## the default job: fp32 and ptq on the embedded CIFAR-10 ResNet-20
 sweep: install ## the QAF sweep: ADMM and ADMM-EPC at 4, 6 and 8 bits
 	$(PYTHON) run.py -m method=admm,admm_epc bits=4,6,8
 
-test: install ## the test suite (slow tests deselected)
-	$(PYTHON) -m pytest -q
+# Two workers (xdist), whole modules per worker so that module fixtures are built once.
+XDIST ?= -n 2 --dist loadscope
 
-test-all: install ## every test, slow ones included
-	$(PYTHON) -m pytest -q -m ""
+test: install ## the fast test suite (about 3 minutes on 2 cores; slow tests deselected)
+	$(PYTHON) -m pytest -q $(XDIST)
+
+test-all: install ## every test, slow end-to-end ones included (what CI runs)
+	$(PYTHON) -m pytest -q $(XDIST) -m ""
 
 bench: ## solver speed, ONNX latency table, PyTorch CP speed ratio (prints them, writes bench.json)
 	$(PYTHON) -m qaf.bench
@@ -30,7 +36,7 @@ tables: ## tables, plot and HTML page for the newest sweep under multirun_output
 	$(PYTHON) -m qaf.report --latest
 
 clean: ## remove run outputs, caches and build files
-	rm -rf multirun_outputs/* multirun_outputs/.cache build dist *.egg-info .pytest_cache bench.json
+	rm -rf multirun_outputs/* multirun_outputs/.cache build dist *.egg-info .pytest_cache .make bench.json
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 screenshot: ## PNG of the newest sweep's HTML report, rendered in headless Chromium (docs/img/dashboard.png)

@@ -39,3 +39,11 @@ def versions() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             packages[name] = None
     return {"code": {"qaf_version": qaf.__version__, "git_commit": commit, "git_dirty": dirty}, "packages": packages}
+
+
+def code_label(code: Any) -> str:
+    """A result's code version as one short label: the commit's first 12 hex digits, ``+dirty`` when
+    tracked files differed from it, ``unknown`` when it did not run from a git checkout."""
+    if not isinstance(code, dict) or not code.get("git_commit"):
+        return "unknown"
+    return str(code["git_commit"])[:12] + ("+dirty" if code.get("git_dirty") else "")

@@ -1,4 +1,10 @@
-"""Shared fixtures: the repo root, the shared data folder, composed configs."""
+"""Shared fixtures: the repo root, the shared data folder, composed configs, and the expensive
+things many tests need once per session (the float model's full-test-set results, a factor cache).
+
+Under pytest-xdist (``make test``: two workers) each worker gets an equal share of the CPU threads,
+and so do the subprocesses tests start: two workers each spinning two OpenMP threads on two cores
+run several times slower than one thread each.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +12,17 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("QAF_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(_threads)
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
 
 
 @pytest.fixture
@@ -22,6 +33,23 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def factor_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One factor / float-accuracy cache folder for the whole session: a factorization or a float
+    evaluation that several tests need is computed once (tests of the cache itself use their own)."""
+    return tmp_path_factory.mktemp("factor_cache")
+
+
+@pytest.fixture(scope="session")
+def float_full_test_set():
+    """The packaged ResNet-20's per-image results on all 10,000 embedded test images (one pass)."""
+    from qaf import lit
+    from qaf.data.cifar10 import embedded
+    from qaf.models.cifar_resnet import build
+
+    return lit.evaluate(lit.make_trainer(accelerator="cpu"), build(20), embedded(seed=42).eval_loader())
+
+
 def run_cli(args: list[str], cwd: Path, timeout: float = 600):
     """Run ``python run.py ARGS`` from the repo root with outputs under ``cwd``."""
     import subprocess
@@ -30,6 +58,25 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 600):
     env = dict(os.environ, PYTHONPATH=str(ROOT), HYDRA_FULL_ERROR="0")
     return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_main(args: list[str], cwd: Path, monkeypatch: pytest.MonkeyPatch,
+             capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    """``python run.py ARGS`` in this process (the same ``main``, Hydra and basic launcher, without
+    the interpreter's start-up): ``(exit status, stdout, stderr)``."""
+    import runpy
+    import sys
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["run.py", *args])
+    capsys.readouterr()
+    try:
+        runpy.run_path(str(ROOT / "run.py"), run_name="__main__")
+        status = 0
+    except SystemExit as exit_:
+        status = exit_.code if isinstance(exit_.code, int) else 1
+    out = capsys.readouterr()
+    return status, out.out, out.err
 
 
 def compose(*overrides: str):

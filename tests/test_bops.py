@@ -63,3 +63,32 @@ def test_paper_convention_for_unfactorized_baselines_and_per_layer_for_factorize
         sub.qaf_bits = (4, 8)
     costs = layer_costs(model, (3, 10, 10))
     assert paper_bops_pct(model, costs, fp32, 4, 8) == pytest.approx(bops_pct(total_bops(costs), fp32))
+
+
+def test_cp_layer_bops_by_hand():
+    # 8 -> 12 channels, 3x3, padding 1, rank 5, on 8 x 10 x 10 inputs, every sub-conv at 4-bit
+    # weights and 8-bit inputs: 1x1 in 10*10*8*5 = 4,000 MACs, depthwise 10*10*5*9 = 4,500,
+    # 1x1 out 10*10*5*12 = 6,000; BOPs 14,500 * 4 * 8 = 464,000.
+    g = torch.Generator().manual_seed(0)
+    layer = CPConv2d(nn.Conv2d(8, 12, 3, padding=1, bias=False),
+                     [torch.randn(12, 5, generator=g), torch.randn(8, 5, generator=g), torch.randn(9, 5, generator=g)])
+    for sub in (layer.pointwise_in, layer.depthwise, layer.pointwise_out):
+        sub.qaf_bits = (4, 8)
+    costs = layer_costs(layer, (8, 10, 10))
+    assert [c.macs for c in costs] == [4000, 4500, 6000]
+    assert total_bops(costs) == 464_000
+    layer.depthwise.qaf_bits = (6, 8)
+    assert total_bops(layer_costs(layer, (8, 10, 10))) == 464_000 + 4500 * (6 - 4) * 8
+
+
+def test_qswd_layer_runs_a_dense_conv_by_hand():
+    # A regenerated 12 x 8 x 3 x 3 weight runs as one dense conv: 12 * 10 * 10 outputs x 8 * 9 MACs.
+    from qaf.decomp.qswd import qswd, weight_to_matrix
+    from qaf.decomp.qswd_layer import QSWDConv2d
+
+    conv = nn.Conv2d(8, 12, 3, padding=1)
+    result = qswd(weight_to_matrix(conv.weight.detach(), "kernel"), 4, 1, max_iter=2)
+    layer = QSWDConv2d(conv, result, "kernel")
+    layer.qaf_bits = (8, 8)
+    (cost,) = layer_costs(layer, (8, 10, 10))
+    assert cost.macs == 12 * 10 * 10 * 8 * 9 and total_bops(layer_costs(layer, (8, 10, 10))) == cost.macs * 64

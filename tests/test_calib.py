@@ -66,7 +66,7 @@ def test_evaluate_records_per_image_top1_and_top5():
     assert (result.top1, result.top5) == (25.0, 75.0)
 
 
-def test_float_resnet20_keeps_its_accuracy_after_bn_reestimation_with_the_training_transform():
+def test_float_resnet20_keeps_its_accuracy_after_bn_reestimation_with_the_training_transform(float_full_test_set):
     # The packaged weights' BN statistics come from augmented training batches: re-estimating them
     # the same way (default protocol) must not cost accuracy; on the evaluation transform it does.
     from qaf.data.cifar10 import embedded
@@ -75,7 +75,7 @@ def test_float_resnet20_keeps_its_accuracy_after_bn_reestimation_with_the_traini
     data = embedded(seed=42)
     trainer = lit.make_trainer(accelerator="cpu")
     model = build(20)
-    before = lit.evaluate(trainer, model, data.eval_loader()).top1
+    before = float_full_test_set.top1
     assert before == pytest.approx(91.73)
     with recalibrating_bn(model):
         lit.calibration_pass(trainer, model, data.bn_loader())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from omegaconf import OmegaConf
 from test_report import FP32, correct, make_job, md_rows, run_job
 
 from qaf.callbacks import SweepSummary
+from qaf.report import build_report
 from qaf.report.collect import FAILED, NOT_STARTED, OK, collect_sweep, read_launches
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,3 +141,10 @@ def test_real_sweep_reports_and_exits_non_zero_on_a_bad_job(tmp_path: Path) -> N
         assert f"failed: bits=1,data.calib_samples=64,data.eval_samples=64,method={method}" in proc.stdout
     assert "2 job(s) of this launch have no results" in proc.stderr
     assert NOT_STARTED not in {j.status for j in jobs.values()}
+    failed = json.loads((jobs[("ptq", 1)].path / "failed.json").read_text())
+    assert failed["error_type"] == "ConfigError" and failed["stage"] == "validate"
+    shutil.rmtree(jobs[("ptq", 4)].path)  # a job the sweep never got to
+    jobs = {(j.method, j.setting("bits")): j for j in collect_sweep(sweep)}
+    assert jobs[("ptq", 4)].status == NOT_STARTED and jobs[("ptq", 4)].path is None
+    report = build_report([sweep], sweep)
+    assert "failed" in report.markdown and "not started" in report.markdown

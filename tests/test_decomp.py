@@ -71,9 +71,23 @@ def test_rank_from_rate_and_limit():
 
 
 def test_spd_inverse_survives_singular_gram():
-    u = torch.randn(3, 6, dtype=torch.float64)
-    inv = spd_inverse(u.T @ u)  # rank 3 of 6: plain Cholesky fails
-    assert torch.isfinite(inv).all()
+    gen = torch.Generator().manual_seed(0)
+    u = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    gram = u.T @ u  # rank 3 of 6: plain Cholesky fails
+    assert torch.linalg.cholesky_ex(gram).info != 0
+    inv = spd_inverse(gram)
+    # The inverse of gram + a tiny jitter: a generalized inverse on gram's range (to the accuracy its
+    # condition number ~1e12 allows), symmetric positive definite.
+    torch.testing.assert_close(gram @ inv @ gram, gram, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(inv, inv.T)
+    assert float(torch.linalg.eigvalsh(inv).min()) > 0
+
+
+def test_spd_inverse_of_a_regular_matrix_is_the_inverse():
+    gen = torch.Generator().manual_seed(1)
+    u = torch.randn(9, 6, generator=gen, dtype=torch.float64)
+    gram = u.T @ u + 0.1 * torch.eye(6, dtype=torch.float64)
+    torch.testing.assert_close(spd_inverse(gram), torch.linalg.inv(gram), rtol=1e-10, atol=1e-12)
 
 
 def test_secular_solution_meets_the_error_bound():

@@ -24,7 +24,7 @@ from qaf.quant.uniform import Grid, affine_grid, make_grid, symmetric_grid, unsi
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-EVAL, CALIB = 256, 64
+EVAL, CALIB = 1024, 64  # >= 1,000 evaluation images: agreement figures mean something
 FAMILIES = {
     "fp32": ["method=fp32"],
     "ptq": ["method=ptq"],
@@ -321,13 +321,21 @@ def test_onnx_has_qdq_where_the_quantizers_are_and_scores_like_pytorch(exported,
     weights = sum(isinstance(m, QuantLayer) for m in model.modules()) + sum(
         hasattr(m, "integer_codes") for m in model.modules())
     assert ops.count("DequantizeLinear") == ops.count("QuantizeLinear") + weights
-    expected = _logits(model, images)
-    for level in ("basic", "all"):
-        got = onnx_logits(session(result["onnx_path"], level=level), images)
-        agree = float((got.argmax(1) == expected.argmax(1)).float().mean())
-        assert agree >= (1.0 if family == "fp32" else 0.97), level
-        delta = 100 * float(((got.argmax(1) == labels).float() - (expected.argmax(1) == labels).float()).mean())
-        assert abs(delta) <= 2.0, level  # the full test set: within 0.1 points (slow test)
+    expected = _logits(model, images).argmax(1)
+    got = onnx_logits(session(result["onnx_path"], level="basic"), images).argmax(1)
+    assert_scores_like(got, expected, labels, min_agree=0.995, max_delta=0.3)
+
+
+def assert_scores_like(got: torch.Tensor, expected: torch.Tensor, labels: torch.Tensor, min_agree: float,
+                       max_delta: float | None) -> None:
+    """The same prediction on ``min_agree`` of >= 1,000 images, top-1 within ``max_delta`` points
+    (docs/export.md: on 10,000 images >= 99.7 % agreement at both levels, within 0.1 points at
+    ``basic``; on 1,024 images one flipped prediction is 0.1 points)."""
+    assert len(got) >= 1000
+    agree = float((got == expected).float().mean())
+    assert agree >= min_agree, f"{agree:.4f} agreement"
+    delta = 100 * float(((got == labels).float() - (expected == labels).float()).mean())
+    assert max_delta is None or abs(delta) <= max_delta, f"top-1 differs by {delta:.2f} points"
 
 
 def test_onnx_cp_layer_is_three_convs_with_qdq_inputs_and_integer_weights(exported):
@@ -368,7 +376,7 @@ def test_cli_exports_a_finished_run_with_the_runs_top1(cache_dir, tmp_path, monk
     (run_dir / ".hydra" / "config.yaml").write_text(f"cache:\n  dir: {cache_dir}\n  enabled: true\ndevice: cpu\n")
     result = main([str(run_dir), "--onnx"])
     assert json.loads(capsys.readouterr().out)["artifact_top1"] == metrics["top1"] == result["artifact_top1"]
-    assert abs(result["onnx_top1"] - metrics["top1"]) <= 2.0
+    assert metrics["eval_samples"] >= 1000 and abs(result["onnx_top1"] - metrics["top1"]) <= 0.3
     assert (run_dir / ARTIFACT_NAME).is_file() and (run_dir / "model.onnx").is_file()
     assert result["size_bytes"] == metrics["size_bytes"]
     assert read_metadata(run_dir / ARTIFACT_NAME)["metrics"]["top1"] == metrics["top1"]
@@ -398,8 +406,13 @@ def test_torchvision_resnet_exports_and_reloads(cache_dir, tmp_path):
     result = export_run(model, cfg, tmp_path, data.input_size, artifact=True, onnx=True)
     images = data.eval.images
     assert _same_bits(_logits(load(result["path"]), images), _logits(model, images))
-    got = onnx_logits(session(result["onnx_path"], level="basic"), images)
-    assert float((got.argmax(1) == _logits(model, images).argmax(1)).float().mean()) >= 0.9
+    # Random weights give near-uniform logits, whose argmax flips at the slightest difference: compare
+    # logits. Most images match to float rounding; on the others a value on a rounding boundary moved
+    # one activation code (docs/export.md), which shifts the logits by a few percent of their spread.
+    got, expected = onnx_logits(session(result["onnx_path"], level="basic"), images), _logits(model, images)
+    per_image = (got - expected).abs().amax(1) / float(expected.std())
+    assert int((per_image <= 1e-5).sum()) >= 12, per_image
+    assert float(per_image.max()) <= 0.25, per_image
 
 
 # ------------------------------------------------------------------------------------ slow tests
@@ -410,11 +423,14 @@ def test_onnx_top1_on_the_full_test_set_is_within_0_1_points(cache_dir, family):
 
     model, data = compressed_model(_cfg(cache_dir, *FAMILIES[family], eval_samples=None))
     images, labels = data.eval.images, torch.tensor(data.eval.labels)
-    expected = (_logits(model, images).argmax(1) == labels).float().mean() * 100
+    expected = _logits(model, images).argmax(1)
     path = Path(str(cache_dir)) / f"{family}.onnx"
     export_onnx(model, path)
-    got = (onnx_logits(session(path, level="basic"), images).argmax(1) == labels).float().mean() * 100
-    assert abs(float(got - expected)) <= 0.1
+    # basic runs the graph as written; all (onnxruntime's default) fuses integer kernels that round
+    # differently and can move top-1 by more than 0.1 points (docs/export.md)
+    for level, max_delta in (("basic", 0.1), ("all", None)):
+        assert_scores_like(onnx_logits(session(path, level=level), images).argmax(1), expected, labels,
+                           min_agree=0.997, max_delta=max_delta)
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ determinism, failures and output folders."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli, run_inprocess
+from conftest import run_cli, run_inprocess, run_main
 from qaf import lit
 from qaf.config import ConfigError
 
@@ -26,13 +27,13 @@ def load_single(root: Path) -> dict:
     return json.loads(path.read_text())
 
 
+@pytest.mark.slow  # two passes over 10,000 images in a fresh process
 def test_fp32_scores_the_published_91_73_on_the_full_test_set(tmp_path: Path):
     result = run_cli(["method=fp32", "logger=csv", "progress=false"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = load_single(tmp_path)
     assert metrics["top1"] == 91.73 and metrics["eval_samples"] == 10_000  # 9,173 of 10,000
-    low, high = metrics["top1_ci95"]
-    assert 91.1 < low < 91.73 < high < 92.3
+    assert [round(v, 2) for v in metrics["top1_ci95"]] == [91.17, 92.25]  # Wilson (Wald: [91.19, 92.27])
     assert metrics["fp32_top1"] == metrics["top1"] and metrics["vs_fp32"]["diff"] == 0
     assert metrics["bops_pct"] == pytest.approx(100.0) and metrics["bops_pct_paper"] == 100.0
     assert metrics["compression_ratio"] == 1.0 and metrics["size_bytes"] == metrics["fp32_size_bytes"]
@@ -75,14 +76,16 @@ def test_failed_run_leaves_no_metrics(tmp_path: Path):
     assert json.loads(failed.read_text())["stage"] == "setup"
 
 
-def test_imagenet_folders_and_torchvision_resnet18_end_to_end(tmp_path: Path, shared_data: Path):
+def test_imagenet_folders_and_torchvision_resnet18_end_to_end(tmp_path: Path, shared_data: Path, monkeypatch,
+                                                              capsys):
     # The real ImageNet path: torchvision ResNet-18 (random init: no pretrained weights offline)
     # on class folders labelled through the canonical WNID list, at 224x224.
     root = shared_data / "imagenet_val_1300"
-    result = run_cli(["method=ptq", "bits=8", "model=resnet18", "model.pretrained=false", "data=imagenet",
-                      f"data.root={root}", "data.calib_split=val", "data.calib_samples=8", "data.eval_samples=16",
-                      "data.batch_size=8", "data.num_workers=0", "logger=none", "progress=false"], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    status, _, err = run_main(["method=ptq", "bits=8", "model=resnet18", "model.pretrained=false", "data=imagenet",
+                               f"data.root={root}", "data.calib_split=val", "data.calib_samples=8",
+                               "data.eval_samples=16", "data.batch_size=8", "data.num_workers=0", "logger=none",
+                               "progress=false"], tmp_path, monkeypatch, capsys)
+    assert status == 0, err[-3000:]
     metrics = load_single(tmp_path)
     assert metrics["data"] == "imagenet" and metrics["model"] == "resnet18"
     assert metrics["fp32_macs"] == 1_819_040_768
@@ -105,8 +108,54 @@ FAMILIES = {
 VOLATILE = ("timings", "finetune_summary")  # wall-clock seconds
 
 
+class EvalGuard(torch.utils.data.Dataset):
+    """An evaluation set that raises when read outside the pipeline's evaluation stages."""
+
+    def __init__(self, base: torch.utils.data.Dataset, stage: list[str]):
+        self.base, self.stage = base, stage
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        if self.stage[-1] not in ("fp32_eval", "eval"):
+            raise AssertionError(f"evaluation image {i} read during the {self.stage[-1]} stage")
+        return self.base[i]
+
+
+@pytest.fixture
+def guarded_eval(monkeypatch) -> list[str]:
+    """Every run's evaluation set is an :class:`EvalGuard`; returns the stages the runs went through."""
+    from qaf import pipeline
+    from qaf.data import cifar10
+
+    stages: list[str] = ["build"]
+    stage = pipeline.Stages.stage
+
+    @contextlib.contextmanager
+    def recorded(self, name):
+        stages.append(name)
+        try:
+            with stage(self, name):
+                yield
+        finally:
+            stages.append("between stages")
+
+    builder = cifar10.embedded
+
+    def guarded(*args, **kwargs):
+        bundle = builder(*args, **kwargs)
+        bundle.eval = EvalGuard(bundle.eval, stages)
+        return bundle
+
+    monkeypatch.setattr(pipeline.Stages, "stage", recorded)
+    monkeypatch.setattr(cifar10, "embedded", guarded)
+    return stages
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_the_same_config_twice_gives_identical_metrics(family: str, tmp_path: Path, monkeypatch):
+def test_the_same_config_twice_gives_identical_metrics_and_calibration_never_reads_an_evaluation_image(
+        family: str, tmp_path: Path, monkeypatch, guarded_eval: list[str]):
     monkeypatch.chdir(tmp_path)
     first = run_inprocess(*FAMILIES[family], *TINY, "sweep_id=a")
     second = run_inprocess(*FAMILIES[family], *TINY, "sweep_id=b")
@@ -118,6 +167,9 @@ def test_the_same_config_twice_gives_identical_metrics(family: str, tmp_path: Pa
         [{k: v for k, v in layer.items() if k not in strip} for layer in second["layers"]]
     a, b = (np.load(tmp_path / "multirun_outputs" / s / "predictions.npz") for s in ("a", "b"))
     assert np.array_equal(a["correct1"], b["correct1"])
+    ran = set(guarded_eval)  # the guard was in place through every stage of this family's protocol
+    assert {"compress", "observe", "fp32_eval", "eval"} <= ran
+    assert ("finetune" in ran) == (family == "qswd") and ("bn_recalibration" in ran) == (family not in ("fp32", "lapq"))
 
 
 def test_a_folder_holding_another_configs_results_is_refused_or_moved_aside(tmp_path: Path, monkeypatch):

@@ -39,3 +39,26 @@ def test_quantized_layers_count_codes_grids_and_float_leftovers():
     assert size_bytes(model) == pytest.approx(bits / 8, abs=1)
     assert size_bytes(model) < float_bytes / 3
     assert set(size_breakdown(model)) >= {"weight_codes", "weight_scale", "bias", "running_mean"}
+
+
+def test_cp_layer_size_by_hand():
+    # A rank-5 CP layer of an 8 -> 12, 3x3 conv without bias, its three sub-convs at 4-bit weights on
+    # symmetric grids (scale only) with 8-bit input quantizers (scale and zero point each):
+    # codes (8*5 + 5*9 + 12*5) * 4 = 580 bits, weight scales 3 * 32, activation grids 3 * 64 -> 868
+    # bits = 108.5 bytes, counted as 109.
+    from qaf.decomp.layers import CPConv2d
+
+    g = torch.Generator().manual_seed(0)
+    layer = CPConv2d(nn.Conv2d(8, 12, 3, padding=1, bias=False),
+                     [torch.randn(12, 5, generator=g), torch.randn(8, 5, generator=g), torch.randn(9, 5, generator=g)])
+    model = nn.Sequential(layer).eval()
+    quantize_model(model, {f"0.{s}": (4, 8) for s in ("pointwise_in", "depthwise", "pointwise_out")},
+                   weight_scheme={"symmetric": True, "clip": "minmax"})
+    quantizers = [m for m in model.modules() if hasattr(m, "mode") and hasattr(m, "set_grid")]
+    assert len(quantizers) == 3
+    for q in quantizers:
+        q.mode = "observe"
+    model(torch.randn(2, 8, 10, 10))
+    for q in quantizers:
+        q.mode = "quant"
+    assert size_bytes(model) == 109

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, NamedTuple, Sequence
 
 from qaf.metrics.stats import wilson_interval
+from qaf.provenance import code_label
 from qaf.report.collect import OK, Job
 from qaf.report.compare import compare_job_sets, p_text
 
@@ -592,6 +593,9 @@ def render_markdown(rows: Sequence[Row], jobs: Sequence[Job], title: str,
     lines = [f"# {title}", "", *markdown_table(main_table(rows, bops_text))]
     ok = sum(j.status == OK for j in jobs)
     lines += ["", f"{ok} of {len(jobs)} jobs finished."]
+    codes = sorted({code_label(j.metrics.get("code")) for j in jobs if j.status == OK and j.metrics})
+    if codes:
+        lines += [f"Code: {', '.join(codes)} (git commit of the jobs' results)."]
     problems = problem_jobs(jobs)
     if problems:
         lines += ["", "## Jobs without results", ""]
@@ -655,7 +659,7 @@ RESULT_COLUMNS = ["sweep", "job", "status", "error", "stage", "method", "model",
                   "rate", "seed", "policy", "bn_recalibration", "bn_transform", "calib_samples", "calib_transform",
                   "eval_samples", "top1", "top1_ci_low", "top1_ci_high", "top5", "fp32_top1", "vs_fp32_diff",
                   "vs_fp32_p", "bops_pct", "bops_pct_paper", "bops", "macs", "fp32_macs", "params", "size_bytes",
-                  "fp32_size_bytes", "compression_ratio", "config_hash", "overrides", "path"]
+                  "fp32_size_bytes", "compression_ratio", "config_hash", "code", "overrides", "path"]
 _COPIED = ("eval_samples", "top1", "top5", "fp32_top1", "bops_pct", "bops_pct_paper", "bops", "macs",
            "fp32_macs", "params", "size_bytes", "fp32_size_bytes", "compression_ratio", "config_hash", "policy")
 
@@ -677,6 +681,7 @@ def result_record(job: Job) -> dict[str, Any]:
         "calib_samples": proto.get("calib_samples", ""), "calib_transform": proto.get("calib_transform", ""),
         "top1_ci_low": ci[0], "top1_ci_high": ci[1], "vs_fp32_diff": vs.get("diff", ""),
         "vs_fp32_p": vs.get("p_value", ""), "overrides": " ".join(job.overrides),
+        "code": code_label(m["code"]) if "code" in m else "",
         "path": "" if job.path is None else str(job.path),
     }
     rec.update({k: m.get(k, "") for k in _COPIED})

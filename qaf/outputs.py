@@ -5,7 +5,9 @@ One job folder holds, besides Hydra's ``.hydra/`` and the logs:
 - ``running.json`` while the job runs (pid, host, start, config hash): left behind by a killed job;
 - ``metrics.json`` when it finished, written last and atomically, strict JSON, schema-checked on
   every read; ``predictions.npz`` beside it (per-image correctness);
-- ``failed.json`` when it raised (error type, message, stage, config hash), written atomically.
+- ``failed.json`` when it raised (error type, message, stage, config hash), written atomically;
+- the experiment logger's run (``wandb/``, ``csv/``) of the attempt that wrote the results: a job
+  that runs again moves those of earlier attempts into ``.replaced/<time>/``.
 
 A folder that holds the results of a *different* config is never overwritten silently: the run
 stops with a config error naming ``sweep_id``, or with ``overwrite=true`` moves the old results
@@ -31,6 +33,8 @@ PREDICTIONS_FILE = "predictions.npz"
 FAILED_FILE = "failed.json"
 RUNNING_FILE = "running.json"
 RESULT_FILES = (METRICS_FILE, PREDICTIONS_FILE, FAILED_FILE)
+#: Experiment loggers' folders (``logger=wandb``, ``logger=csv``): one run per attempt of the job.
+LOGGER_DIRS = ("wandb", "csv")
 #: Fields every metrics.json has, with their types (checked by resume and by the report).
 METRICS_SCHEMA: dict[str, type | tuple[type, ...]] = {
     "method": str, "model": str, "data": str, "bits": int, "act_bits": int, "seed": int,
@@ -125,22 +129,22 @@ def prepare(folder: Path, config_hash: str, resume: bool, overwrite: bool, sweep
     if metrics is not None and metrics["config_hash"] == config_hash:
         if resume:
             return metrics
-        move_aside(folder)
-    elif metrics is not None:
-        if not overwrite:
-            raise ConfigError(
-                f"sweep_id={sweep_id}: {folder} already holds the results of another config "
-                f"(config_hash {metrics['config_hash']}, this run {config_hash}); accepted: another sweep_id, "
-                "or overwrite=true to move the old results into .replaced/")
-        move_aside(folder)
-    elif problem != "missing":
-        move_aside(folder)  # a damaged metrics.json: keep it for inspection, run again
+    elif metrics is not None and not overwrite:
+        raise ConfigError(
+            f"sweep_id={sweep_id}: {folder} already holds the results of another config "
+            f"(config_hash {metrics['config_hash']}, this run {config_hash}); accepted: another sweep_id, "
+            "or overwrite=true to move the old results into .replaced/")
+    # The run replaces the old results (of this config with resume=false, of another with
+    # overwrite=true, or a damaged metrics.json, kept for inspection) and the logger runs of every
+    # earlier attempt, also a killed one (a requeued cluster job): the folder keeps one run.
+    move_aside(folder, (RESULT_FILES if problem != "missing" else ()) + LOGGER_DIRS)
     return None
 
 
-def move_aside(folder: Path) -> Path | None:
-    """Move the result files of ``folder`` into ``folder/.replaced/<time>/``; return that folder."""
-    present = [folder / name for name in RESULT_FILES if (folder / name).exists()]
+def move_aside(folder: Path, names: tuple[str, ...]) -> Path | None:
+    """Move the files or folders ``names`` of ``folder`` into ``folder/.replaced/<time>/``; return
+    that folder (None when none was there)."""
+    present = [folder / name for name in names if (folder / name).exists()]
     if not present:
         return None
     target = folder / ".replaced" / time.strftime("%Y%m%d-%H%M%S")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import run_cli, run_inprocess, run_main
-from qaf import lit
+from qaf import lit, outputs
 from qaf.config import ConfigError
 
 TINY = ("data.eval_samples=200", "data.calib_samples=64", "cache.enabled=false")
@@ -200,6 +200,20 @@ def test_a_damaged_metrics_json_is_set_aside_and_the_run_repeated(content: str, 
     assert json.loads((folder / "metrics.json").read_text())["top1"] == metrics["top1"]
     (kept,) = folder.glob(".replaced/*/metrics.json")
     assert kept.read_text() == content
+
+
+def test_a_job_run_again_moves_the_logger_runs_of_its_earlier_attempts_aside(tmp_path: Path):
+    # What a killed attempt (a requeued cluster job) and a failed one leave behind.
+    folder = tmp_path / "job"
+    (folder / "wandb" / "offline-run-killed").mkdir(parents=True)
+    (folder / "csv" / "version_0").mkdir(parents=True)
+    (folder / "running.json").write_text("{}")
+    (folder / "failed.json").write_text("{}")
+    assert outputs.prepare(folder, "0123456789abcdef", resume=True, overwrite=False, sweep_id="s") is None
+    (moved,) = folder.glob(".replaced/*")
+    assert sorted(p.name for p in moved.iterdir()) == ["csv", "wandb"]
+    assert (moved / "wandb" / "offline-run-killed").is_dir()
+    assert (folder / "failed.json").exists()  # removed when the job succeeds, as before
 
 
 def test_metrics_json_is_strict_json(tmp_path: Path, monkeypatch):

@@ -340,6 +340,11 @@ def test_size_ratio_and_image_count(tmp_path: Path) -> None:
     assert "| Images |" in header
 
 
+def test_row_label_keeps_an_option_value_ending_in_a_bracket() -> None:
+    assert Row("m", "d", "ptq[clip=mse]", 4, 8, None).label == "PTQ (clip=mse)"
+    assert Row("m", "d", "admm_epc[include=[layer1.*]]", 4, 8, 2.0).label == "ADMM-EPC (include=[layer1.*])"
+
+
 def test_latex_has_float_row_then_rule_and_bold_best() -> None:
     rows = [Row("m", "d", "fp32", 32, 32, None, top1=91.7, bops_pct=100.0),
             Row("m", "d", "cpd_epc", 4, 8, 2.0, top1=60.1, top1_std=0.5, bops_pct=2.07, seeds=2, mark="best"),

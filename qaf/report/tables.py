@@ -148,7 +148,7 @@ class Row:
     @property
     def label(self) -> str:
         """The method as the paper names it, with the swept method options, e.g. ``PTQ (clip=mse)``."""
-        variant = self.method.partition("[")[2].rstrip("]")
+        variant = self.method.partition("[")[2].removesuffix("]")  # a value may end in "]" too
         name = DISPLAY.get(self.base_method, self.base_method)
         return f"{name} ({variant})" if variant else name
 

@@ -3,7 +3,7 @@ PYTHON ?= python
 PIP ?= $(PYTHON) -m pip
 
 .DEFAULT_GOAL := help
-.PHONY: help install run sweep test test-all bench tables clean screenshot
+.PHONY: help install run sweep test test-all bench gpu-check tables clean screenshot
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -29,14 +29,18 @@ test: install ## the fast test suite (about 3 minutes on 2 cores; slow tests des
 test-all: install ## every test, slow end-to-end ones included (what CI runs)
 	$(PYTHON) -m pytest -q $(XDIST) -m ""
 
-bench: ## solver speed, ONNX latency table, PyTorch CP speed ratio (prints them, writes bench.json)
+bench: ## solver speed, ImageNet loaders, ONNX latency table, PyTorch CP speed ratio (prints them, writes bench.json)
 	$(PYTHON) -m qaf.bench
+
+GPU_CHECK_OUT ?= gpu_check.json
+gpu-check: ## one GPU against the CPU: solvers, cuda tests, a ResNet-18 ImageNet run (JSON: GPU_CHECK_OUT=PATH)
+	$(PYTHON) -m qaf.bench.gpu_check --out $(GPU_CHECK_OUT)
 
 tables: ## tables, plot and HTML page for the newest sweep under multirun_outputs/
 	$(PYTHON) -m qaf.report --latest
 
 clean: ## remove run outputs, caches and build files
-	rm -rf multirun_outputs/* multirun_outputs/.cache build dist *.egg-info .pytest_cache .make bench.json
+	rm -rf multirun_outputs/* multirun_outputs/.cache build dist *.egg-info .pytest_cache .make bench.json gpu_check.json
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 screenshot: ## PNG of the newest sweep's HTML report, rendered in headless Chromium (docs/img/dashboard.png)

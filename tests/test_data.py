@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.datasets.folder import pil_loader as datasets_pil_loader
 import torchvision.datasets.cifar
 from hydra.utils import get_method
 from omegaconf import OmegaConf
 
 from qaf.config import ConfigError
-from qaf.data import IMAGENET_MEAN, IMAGENET_STD, DataBundle, eval_indices
+from qaf.data import IMAGENET_MEAN, IMAGENET_STD, DataBundle, eval_indices, worker_count
 from qaf.data import cifar10, imagenet
 
 SHARED = Path(os.environ.get("QAF_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -136,12 +137,23 @@ def test_eval_subset_spans_the_set() -> None:
     ({"eval_samples": 0}, "data.eval_samples"),
     ({"batch_size": 0}, "data.batch_size"),
     ({"num_workers": -1}, "data.num_workers"),
+    ({"num_workers": "many"}, "data.num_workers"),
     ({"bn_transform": "augmented"}, "data.bn_transform"),
     ({"calib_transform": "test"}, "data.calib_transform"),
 ])
 def test_embedded_bad_values_are_config_errors(kwargs: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=key):
         cifar10.embedded(**{"seed": 0, **kwargs})
+
+
+def test_num_workers_auto_leaves_the_main_process_a_core(monkeypatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert worker_count("auto") == 3 and worker_count(0) == 0 and worker_count(5) == 5
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert worker_count("auto") == 1
+    assert cifar10.embedded(num_workers="auto", calib_samples=8, seed=0).num_workers == 1
+    with pytest.raises(ConfigError, match=r"data.num_workers=True .*integer >= 0 or auto"):
+        worker_count(True)
 
 
 def test_embedded_too_many_calibration_samples_names_the_maximum() -> None:
@@ -242,11 +254,17 @@ def test_imagenet_subset_labels_match_ground_truth() -> None:
     assert not torch.equal(train_x, bundle.calib("eval")[0][0])
 
 
+@pytest.fixture
+def imagenet_pool(tmp_path: Path) -> Path:
+    """The shipped val/ images as both splits: the calibration pool needs train/."""
+    for split in ("train", "val"):
+        (tmp_path / split).symlink_to(IMAGENET_SUBSET / "val")
+    return tmp_path
+
+
 @needs_imagenet_subset
-def test_imagenet_calibrates_on_train_split(tmp_path: Path) -> None:
-    (tmp_path / "train").symlink_to(IMAGENET_SUBSET / "val")
-    (tmp_path / "val").symlink_to(IMAGENET_SUBSET / "val")
-    bundle = imagenet.folders(root=str(tmp_path), calib_samples=32, eval_samples=50,
+def test_imagenet_calibrates_on_train_split(imagenet_pool: Path) -> None:
+    bundle = imagenet.folders(root=str(imagenet_pool), calib_samples=32, eval_samples=50,
                               batch_size=16, num_workers=0, seed=0)
     assert len(bundle.calib()) == 32 and len(bundle.eval) == 50
     assert Path(bundle.pool.root).name == "train"
@@ -254,6 +272,62 @@ def test_imagenet_calibrates_on_train_split(tmp_path: Path) -> None:
     assert bundle.eval.dataset.targets[bundle.eval.indices[-1]] > 900
     x, y = next(iter(bundle.bn_loader()))
     assert x.shape == (16, 3, 224, 224) and y.dtype == torch.int64
+
+
+@needs_imagenet_subset
+def test_imagenet_decoders_give_the_same_tensors(imagenet_pool: Path) -> None:
+    # torchvision.io + uint8 tensor kernels against PIL decoding and PIL's kernels (the classic
+    # pipeline): evaluation tensors bit-identical; the training crops are the same crops (same
+    # random draws), resampled within one pixel step (1/255) of PIL.
+    bundles = {d: imagenet.folders(root=str(imagenet_pool), calib_samples=40, eval_samples=40, num_workers=0,
+                                   seed=0, decoder=d) for d in imagenet.DECODERS}
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    steps = []
+    for i in range(40):
+        (x, y), (x_pil, y_pil) = bundles["torchvision"].eval[i], bundles["pil"].eval[i]
+        assert y == y_pil and torch.equal(x, x_pil)
+        crop, crop_pil = bundles["torchvision"].calib("train")[i][0], bundles["pil"].calib("train")[i][0]
+        steps.append(((crop - crop_pil).abs() * std * 255).round())
+    steps = torch.stack(steps)
+    assert steps.max() <= 1 and steps.gt(0).float().mean() < 0.02
+
+
+def test_decode_file_reads_grey_cmyk_and_png_named_jpeg(tmp_path: Path) -> None:
+    # ImageNet holds a few greyscale and CMYK JPEGs and a PNG named .JPEG: every one decodes to RGB
+    # exactly as PIL's RGB conversion (the classic loader) has it.
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray((rng.random((40, 50, 3)) * 255).astype(np.uint8))
+    folder = tmp_path / "val" / "n01440764"
+    folder.mkdir(parents=True)
+    for name, image, kind in (("grey", rgb.convert("L"), "JPEG"), ("cmyk", rgb.convert("CMYK"), "JPEG"),
+                              ("png", rgb, "PNG")):
+        image.save(folder / f"{name}.JPEG", format=kind)
+        decoded = imagenet.decode_file(str(folder / f"{name}.JPEG"))
+        assert decoded.shape == (3, 40, 50) and decoded.dtype == torch.uint8
+        expected = torch.from_numpy(np.asarray(datasets_pil_loader(folder / f"{name}.JPEG"))).permute(2, 0, 1)
+        assert torch.equal(decoded, expected), name
+    bundle = imagenet.folders(root=str(tmp_path), calib_split="val", calib_samples=3, num_workers=0, seed=0)
+    assert [tuple(bundle.eval[i][0].shape) for i in range(3)] == [(3, 224, 224)] * 3
+
+
+@needs_imagenet_subset
+def test_imagenet_batches_do_not_depend_on_the_worker_count(imagenet_pool: Path) -> None:
+    def batches(workers: int) -> list[list[torch.Tensor]]:
+        bundle = imagenet.folders(root=str(imagenet_pool), calib_samples=24, eval_samples=24, batch_size=8,
+                                  num_workers=workers, seed=3)
+        return [batch for loader in (bundle.eval_loader(), bundle.bn_loader(), bundle.calib_loader())
+                for batch in loader]
+
+    single, parallel = batches(0), batches(2)
+    assert len(single) == len(parallel) == 9
+    for a, b in zip(single, parallel):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_imagenet_decoder_is_checked(tmp_path: Path) -> None:
+    (tmp_path / "val" / "n01440764").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"data.decoder='cv2' is invalid: accepted torchvision, pil"):
+        imagenet.folders(root=str(tmp_path), calib_split="val", decoder="cv2")
 
 
 @needs_imagenet_subset

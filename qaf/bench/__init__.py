@@ -3,17 +3,22 @@
 - :mod:`qaf.bench.solvers`: ALS against tensorly and its FLOP bound, AO-ADMM per outer iteration,
   the whole ResNet-18 ``admm_epc`` (``--resnet18-solver``);
 - :mod:`qaf.bench.latency`: onnxruntime images/s of float / PTQ / CP / QSWD models and the PyTorch
-  CP evaluation ratio (docs/export.md).
+  CP evaluation ratio (docs/export.md);
+- :mod:`qaf.bench.loaders`: images/s of ``data=imagenet``'s loaders by worker count and decoder
+  (docs/sweeps.md, "Input pipeline").
 
 Every figure is printed and written to ``bench.json`` at the repo root (``--out``).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+#: Real models and images kept beside the checkout (README of ../shared/data); QAF_SHARED_DATA overrides.
+SHARED_DATA = Path(os.environ.get("QAF_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
 def timed(fn) -> float:

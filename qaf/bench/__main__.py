@@ -1,4 +1,4 @@
-"""``python -m qaf.bench [--quick] [--only solvers|latency]``: the benchmarks of :mod:`qaf.bench`."""
+"""``python -m qaf.bench [--quick] [--only solvers|latency|loaders]``: the benchmarks of :mod:`qaf.bench`."""
 
 from __future__ import annotations
 
@@ -12,17 +12,19 @@ from pathlib import Path
 
 import torch
 
-from qaf.bench import ROOT
+from qaf.bench import ROOT, SHARED_DATA
 from qaf.bench.latency import BATCHES, latency_table
+from qaf.bench.loaders import loader_figures
 from qaf.bench.solvers import solver_figures
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark, print the figures and write ``bench.json``."""
-    parser = argparse.ArgumentParser(description="qaf benchmarks: solver speed and model latency (bench.json)")
+    parser = argparse.ArgumentParser(
+        description="qaf benchmarks: solver speed, model latency, ImageNet loaders (bench.json)")
     parser.add_argument("--quick", action="store_true",
                         help="fewer sweeps and repeats; latency of ResNet-20 only, onnxruntime default level only")
-    parser.add_argument("--only", choices=("solvers", "latency"), default=None, help="run one part only")
+    parser.add_argument("--only", choices=("solvers", "latency", "loaders"), default=None, help="run one part only")
     parser.add_argument("--latency", action="store_true", help="same as --only latency")
     parser.add_argument("--resnet18-solver", action="store_true",
                         help="also time the whole ResNet-18 admm_epc (default budgets: far over 10 minutes on a "
@@ -30,6 +32,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ort-levels", default=None,
                         help="onnxruntime optimization levels to time, comma-separated (default: all,basic; "
                              "--quick: all)")
+    parser.add_argument("--imagenet-root", default=str(SHARED_DATA / "imagenet_val_1300"),
+                        help="ImageNet folder with val/<wnid>/*.JPEG for the loader figures (default: the shipped "
+                             "1,300 validation images)")
     parser.add_argument("--out", default=str(ROOT / "bench.json"))
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 is far faster on a busy machine)")
@@ -45,9 +50,11 @@ def main(argv: list[str] | None = None) -> dict:
     args.resnet18_solver = args.resnet18_solver or device.type == "cuda"
     start = time.perf_counter()
     result: dict = {"device": str(device), "threads": torch.get_num_threads(), "quick": args.quick}
-    if args.only != "latency":
+    if args.only in (None, "solvers"):
         result.update(solver_figures(args, device))
-    if args.only != "solvers":
+    if args.only in (None, "loaders"):
+        result["loaders"] = loader_figures(args)
+    if args.only in (None, "latency"):
         print(f"latency: onnxruntime CPU ({', '.join(args.ort_levels.split(','))}), batches {BATCHES}, "
               f"{torch.get_num_threads()} threads")
         result["latency"] = latency_table(args)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -151,8 +152,10 @@ class DataBundle:
         Calibration images (``data.calib_samples``), the first of the seeded pool order.
     seed : int
         Seed of the pool order and of the random transforms.
-    batch_size, num_workers : int
-        DataLoader settings.
+    batch_size : int
+        Images per batch.
+    num_workers : int or "auto"
+        Loader processes (:func:`worker_count`; resolved to a count on construction).
     bn_transform, calib_transform : str
         Transform of batch-norm re-estimation and of every other calibration pass.
     calib_split : str
@@ -168,7 +171,7 @@ class DataBundle:
     calib_samples: int
     seed: int
     batch_size: int
-    num_workers: int
+    num_workers: int | str
     bn_transform: str = "train"
     calib_transform: str = "eval"
     calib_split: str = "train"
@@ -177,6 +180,7 @@ class DataBundle:
     def __post_init__(self) -> None:
         check_choice("data.bn_transform", self.bn_transform, TRANSFORMS)
         check_choice("data.calib_transform", self.calib_transform, TRANSFORMS)
+        self.num_workers = worker_count(self.num_workers)
         self.order = pool_order(len(self.pool), self.calib_samples, self.seed)  # type: ignore[arg-type]
 
     def calib(self, transform: str | None = None, samples: int | None = None, epoch: int = 0) -> Dataset:
@@ -217,9 +221,41 @@ class DataBundle:
                 "eval_samples": len(self.eval)}  # type: ignore[arg-type]
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def worker_count(num_workers: int | str) -> int:
+    """The loader processes ``data.num_workers`` asks for.
+
+    Parameters
+    ----------
+    num_workers : int or "auto"
+        A count (0: load in the main process), or ``auto``: one per usable CPU core but one, and
+        at least one. Decoding then overlaps the model, and the main process keeps a core to run
+        it or to feed the GPU (docs/sweeps.md, "Input pipeline").
+
+    Returns
+    -------
+    int
+        The count.
+
+    Raises
+    ------
+    ConfigError
+        Unless ``num_workers`` is an integer >= 0 or ``auto``.
+    """
+    if num_workers == "auto":
+        return max(1, usable_cores() - 1)
+    if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
+        raise ConfigError(f"data.num_workers={num_workers!r} is invalid: accepted an integer >= 0 or auto")
+    return num_workers
+
+
 def check_loader_options(calib_samples: int, eval_samples: int | None, batch_size: int,
-                         num_workers: int) -> None:
-    """Reject non-positive sample counts, batch sizes and negative worker counts.
+                         num_workers: int | str) -> None:
+    """Reject non-positive sample counts, batch sizes and bad worker counts.
 
     Parameters
     ----------
@@ -233,7 +269,7 @@ def check_loader_options(calib_samples: int, eval_samples: int | None, batch_siz
     """
     check_int("data.calib_samples", calib_samples, 1)
     check_int("data.batch_size", batch_size, 1)
-    check_int("data.num_workers", num_workers, 0)
+    worker_count(num_workers)
     check_int("data.eval_samples", eval_samples, 1, nullable=True)
 
 

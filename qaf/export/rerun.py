@@ -114,12 +114,15 @@ def compressed_model(cfg: DictConfig, root_dir: str | Path | None = None) -> tup
 def predictions(model: Any, loader: Any) -> tuple[np.ndarray, np.ndarray]:
     """Top-1 predictions and labels over an evaluation loader (``(x, y, index)`` batches, dataset order).
 
-    ``model`` is a module or any callable from a float tensor batch to logits (e.g. an
-    onnxruntime session wrapped by :func:`qaf.export.onnx.onnx_logits`).
+    ``model`` is a module (on any device: batches are moved to it) or any callable from a CPU
+    float tensor batch to logits (e.g. an onnxruntime session wrapped by
+    :func:`qaf.export.onnx.onnx_logits`).
     """
+    params = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+    device = params.device if params is not None else torch.device("cpu")
     preds, labels, order = [], [], []
     for x, y, index in loader:
-        preds.append(np.asarray(model(x).argmax(1)))
+        preds.append(model(x.to(device)).argmax(1).cpu().numpy())
         labels.append(np.asarray(y))
         order.append(np.asarray(index))
     idx = np.argsort(np.concatenate(order), kind="stable")

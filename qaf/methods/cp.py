@@ -199,6 +199,10 @@ class CPMethod(Method):
         grids = [Grid(g.scale.to(wdt), g.zero_point.to(wdt), g.qmin, g.qmax) for g in grids]
         return [f.to(wdt) for f in factors], grids, report
 
+    def epc_sweeps(self, rank: int) -> int:
+        """EPC sweeps of a rank-``rank`` layer: ``clamp(epc_work / R^3, epc_min_iters, epc_iters)``."""
+        return int(min(self.epc["iters"], max(self.epc["min_iters"], self.epc["work"] / rank**3)))
+
     def _init_name(self) -> str:
         if self.solver == "cpd" or self.epc_start:
             return "epc" if self.epc_start else "als"
@@ -226,7 +230,7 @@ class CPMethod(Method):
         als = _as_list(stored, dev, dt)
         if kind == "als":
             return als_key, als
-        sweeps = int(min(self.epc["iters"], max(self.epc["min_iters"], self.epc["work"] / rank**3)))
+        sweeps = self.epc_sweeps(rank)
         epc_key = {**als_key, "stage": "epc", "epc_version": epc_module.VERSION, "epc": {**self.epc, "sweeps": sweeps}}
 
         def run_epc() -> tuple[dict[str, Tensor], dict[str, Any]]:

@@ -122,7 +122,8 @@ class ActQuantizer(nn.Module):
         """Replace the observation by the union of ``states`` (this process's included)."""
         device = self.running_min.device
         self._values = torch.cat([s["values"].to(device) for s in states])
-        self._priority = torch.cat([s["priority"].to(device) for s in states])
+        # Priorities stay where the CPU generator drew them, so later observations append to them.
+        self._priority = torch.cat([s["priority"].cpu() for s in states])
         self._prune(self.max_samples)
         self.running_min.copy_(torch.stack([s["min"].to(device) for s in states]).min())
         self.running_max.copy_(torch.stack([s["max"].to(device) for s in states]).max())

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset, Subset
 from torchvision import datasets, transforms
 
 from qaf.config import ConfigError
-from qaf.data import IMAGENET_MEAN, IMAGENET_STD, DataBundle, check_loader_options, eval_indices
+from qaf.data import IMAGENET_MEAN, IMAGENET_STD, DataBundle, LoaderOptions, eval_indices
 from qaf.models.checkpoint import resolve_path
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -126,7 +126,7 @@ def embedded(calib_samples: int = 2048, eval_samples: int | None = None, batch_s
     ConfigError
         For bad counts, e.g. more calibration images than packaged.
     """
-    check_loader_options(calib_samples, eval_samples, batch_size, num_workers)
+    LoaderOptions(calib_samples, eval_samples, batch_size, num_workers, bn_transform, calib_transform)
     with np.load(TEST_FILE) as test, np.load(TRAIN_FILE) as train:
         idx = eval_indices(len(test["labels"]), eval_samples)
         eval_set = NormalizedImages(test["images"][idx], test["labels"][idx], test["test_index"][idx])
@@ -167,7 +167,7 @@ def torchvision_cifar10(root: str | os.PathLike | None = None, calib_samples: in
     ConfigError
         If ``root`` is unset, missing or lacks the data set, or for bad counts.
     """
-    check_loader_options(calib_samples, eval_samples, batch_size, num_workers)
+    LoaderOptions(calib_samples, eval_samples, batch_size, num_workers, bn_transform, calib_transform)
     layout = "accepted: a folder containing cifar-10-batches-py/ (the extracted python version)"
     if root is None:
         raise ConfigError(f"data.root is not set: pass data.root=PATH; {layout}")

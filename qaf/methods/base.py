@@ -83,7 +83,8 @@ class Method(abc.ABC):
     Subclasses are instantiated from ``conf/method/<name>.yaml``; the pipeline passes ``bits``,
     ``act_bits`` and ``rate`` as keyword arguments along with the method's own options, which the
     subclass declares as the dataclass ``Options`` (fields made with :func:`qaf.config.option`:
-    default and accepted values); ``self.options`` holds them, checked.
+    default and accepted values); ``self.options`` holds them, checked, and each reads as an
+    attribute too (``self.clip``).
 
     Attributes
     ----------
@@ -111,6 +112,13 @@ class Method(abc.ABC):
             raise ConfigError(f"method.{unknown[0]} is not an option of method={self.name}: accepted "
                               f"{', '.join(accepted) or 'none'}")
         check_options(self.options, "method")
+
+    def __getattr__(self, key: str) -> Any:
+        """An option read as an attribute (``self.clip`` is ``self.clip``)."""
+        options = self.__dict__.get("options")
+        if options is None or key not in options.__dataclass_fields__:
+            raise AttributeError(f"{type(self).__name__} has no attribute {key!r}")
+        return getattr(options, key)
 
     def check(self, model: nn.Module, ctx: CompressContext) -> None:
         """Validate options against the model and context before heavy work; raise ``ConfigError``."""
@@ -148,15 +156,15 @@ class DecompositionMethod(Method):
 
     def select_layers(self, model: nn.Module, policy: LayerPolicy) -> list[tuple[str, nn.Conv2d]]:
         """The convs this method replaces, in module order."""
-        return decomposable_convs(model, policy, self.options.include, self.options.exclude)
+        return decomposable_convs(model, policy, self.include, self.exclude)
 
     def check(self, model: nn.Module, ctx: CompressContext) -> None:
         """Raise ``ConfigError`` when the selection is empty; then :meth:`check_layers`."""
         layers = self.select_layers(model, ctx.policy)
         if not layers:
             raise ConfigError(
-                f"method={self.name} selects no layer: method.include={self.options.include} / "
-                f"method.exclude={self.options.exclude} with policy={ctx.policy.name} match no conv with a "
+                f"method={self.name} selects no layer: method.include={self.include} / "
+                f"method.exclude={self.exclude} with policy={ctx.policy.name} match no conv with a "
                 "kernel larger than 1x1 that the policy puts at `bits`")
         self.check_layers(layers)
 
@@ -165,13 +173,14 @@ class DecompositionMethod(Method):
 
     def schemes(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """Weight and activation schemes of the layers the policy quantizes (``quantize_model``)."""
-        return {"symmetric": True, "clip": self.options.clip}, {"clip": self.options.act_clip, "symmetric": False}
+        return {"symmetric": True, "clip": self.clip}, {"clip": self.act_clip, "symmetric": False}
 
     @abc.abstractmethod
     def decompose(self, name: str, conv: nn.Conv2d, ctx: CompressContext,
-                  cache: FactorCache) -> tuple[nn.Module, dict[str, Grid], dict]:
-        """The module replacing ``conv``, the grids of its sub-layers (names relative to it) that the
-        loop quantizes at ``bits``/``act_bits`` on exactly those grids, and the layer's report."""
+                  cache: FactorCache) -> tuple[nn.Module, dict[str, Grid | None], dict]:
+        """The module replacing ``conv``; its sub-layers (names relative to it) that the loop
+        quantizes at ``bits``/``act_bits``, each on the grid given (None: fitted by the weight
+        scheme); and the layer's report (with ``cached``)."""
 
     def compress(self, model: nn.Module, ctx: CompressContext) -> list[dict]:
         """Replace the selected convs in place, then quantize every layer the policy asks for."""
@@ -188,7 +197,8 @@ class DecompositionMethod(Method):
             del plan[name]
             for sub, grid in sub_grids.items():
                 plan[f"{name}.{sub}"] = (self.bits, self.act_bits)
-                grids[f"{name}.{sub}"] = grid
+                if grid is not None:
+                    grids[f"{name}.{sub}"] = grid
             reports.append(report)
             shown = " ".join(f"{k}={report[k]:.4g}" if isinstance(report[k], float) else f"{k}={report[k]}"
                              for k in self.log_fields)

@@ -109,25 +109,24 @@ class CP(DecompositionMethod):
 
     def __init__(self, bits: int = 4, act_bits: int = 8, rate: float = 2.0, **options: Any):
         super().__init__(bits=bits, act_bits=act_bits, rate=rate, **options)
-        opts = self.options
-        if opts.solver == "quantize" and opts.init not in ("als", "epc"):
-            raise ConfigError(f"method.init={opts.init!r} is invalid with method.solver=quantize: accepted als, epc "
+        if self.solver == "quantize" and self.init not in ("als", "epc"):
+            raise ConfigError(f"method.init={self.init!r} is invalid with method.solver=quantize: accepted als, epc "
                               "(the factors of a CP decomposition)")
-        self.als = {"iters": opts.als_iters, "tol": opts.als_tol}
-        self.epc = {"iters": opts.epc_iters, "min_iters": opts.epc_min_iters, "work": opts.epc_work,
-                    "tol": opts.epc_tol}
-        self.admm = {"outer": opts.admm_outer, "inner": opts.admm_inner, "tol_inner": opts.admm_tol_inner,
-                     "tol_outer": opts.admm_tol_outer, "patience": opts.admm_patience}
+        self.als = {"iters": self.als_iters, "tol": self.als_tol}
+        self.epc = {"iters": self.epc_iters, "min_iters": self.epc_min_iters, "work": self.epc_work,
+                    "tol": self.epc_tol}
+        self.admm = {"outer": self.admm_outer, "inner": self.admm_inner, "tol_inner": self.admm_tol_inner,
+                     "tol_outer": self.admm_tol_outer, "patience": self.admm_patience}
 
     @property
     def name(self) -> str:  # type: ignore[override]
         """``cpd``, ``cpd_epc``, ``admm`` or ``admm_epc``: what the options make it."""
-        return ("cpd" if self.options.solver == "quantize" else "admm") + ("_epc" if self.options.init == "epc" else "")
+        return ("cpd" if self.solver == "quantize" else "admm") + ("_epc" if self.init == "epc" else "")
 
     @property
     def info(self) -> MethodInfo:  # type: ignore[override]
         """``CPD→PTQ``, ``CPD-EPC→PTQ``, ``ADMM``, ``ADMM-EPC``; the rate applies."""
-        epc, admm = self.options.init == "epc", self.options.solver == "admm"
+        epc, admm = self.init == "epc", self.solver == "admm"
         display = ("ADMM" if admm else "CPD") + ("-EPC" if epc else "") + ("" if admm else "→PTQ")
         return MethodInfo(display=display, uses_rate=True, order=40 + 20 * admm + 10 * epc)
 
@@ -143,33 +142,31 @@ class CP(DecompositionMethod):
 
     def schemes(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """Per-tensor symmetric weights and affine activations with the method's clip rules and ``p``."""
-        o = self.options
-        return {"symmetric": True, "clip": o.clip, "p": o.p}, {"clip": o.act_clip, "p": o.p, "symmetric": False}
+        return ({"symmetric": True, "clip": self.clip, "p": self.p},
+                {"clip": self.act_clip, "p": self.p, "symmetric": False})
 
     def grid_factory(self, x: Tensor) -> Grid:
         """Per-tensor grid of ``bits`` bits fitted to ``x`` with the method's clip rule."""
-        o = self.options
-        return make_grid(x, self.bits, symmetric=o.symmetric, clip=o.clip, p=o.p)
+        return make_grid(x, self.bits, symmetric=self.symmetric, clip=self.clip, p=self.p)
 
     def decompose(self, name: str, conv: nn.Conv2d, ctx: CompressContext,
-                  cache: FactorCache) -> tuple[nn.Module, dict[str, Grid], dict]:
+                  cache: FactorCache) -> tuple[nn.Module, dict[str, Grid | None], dict]:
         """The :class:`CPConv2d` of one conv with quantized factors, its sub-convs' grids, its report."""
-        o = self.options
-        dt = _DTYPES[o.dtype]
+        dt = _DTYPES[self.dtype]
         tensor = weight_to_tensor(conv.weight.detach()).to(ctx.device, dt)
         rank = cp_rank(tensor.shape, self.rate)
         base = {"weight": tensor_digest(conv.weight), "shape": list(tensor.shape), "rank": rank,
-                "dtype": o.dtype, "device": ctx.device.type, "seed": ctx.seed}
+                "dtype": self.dtype, "device": ctx.device.type, "seed": ctx.seed}
         hits: list[bool] = []
         start_key, start = self._start(tensor, rank, base, cache, ctx.seed, hits)
         e_float = relative_error(tensor, start)
         iterations = 0
-        if o.solver == "quantize":
+        if self.solver == "quantize":
             grids = [self.grid_factory(f) for f in start]
             factors = [g(f) for g, f in zip(grids, start)]
         else:
             key = {**start_key, "stage": "admm", "version": admm_module.VERSION, "grids": QUANT_VERSION, "bits": self.bits,
-                   "symmetric": o.symmetric, "clip": o.clip, "p": o.p, "admm": self.admm}
+                   "symmetric": self.symmetric, "clip": self.clip, "p": self.p, "admm": self.admm}
 
             def run_admm() -> tuple[dict[str, Tensor], dict[str, Any]]:
                 res = admm_module.cp_admm(tensor, start, self.grid_factory, max_outer=self.admm["outer"],
@@ -187,7 +184,7 @@ class CP(DecompositionMethod):
             iterations = int(meta["iterations"])
         e_quant = relative_error(tensor, factors)
         report = {"name": name, "shape": list(conv.weight.shape), "rank": rank, "bits": self.bits,
-                  "method": self.name, "init": o.init, "iterations": iterations,
+                  "method": self.name, "init": self.init, "iterations": iterations,
                   "e_float": round(e_float, 6), "e_quant": round(e_quant, 6), "cached": all(hits)}
         wdt = conv.weight.dtype
         a, b, c = (Grid(g.scale.to(wdt), g.zero_point.to(wdt), g.qmin, g.qmax) for g in grids)
@@ -199,7 +196,7 @@ class CP(DecompositionMethod):
                hits: list[bool]) -> tuple[dict, list[Tensor]]:
         """Float starting factors (an init, ALS or EPC), cached; returns (key, factors)."""
         dev, dt = tensor.device, tensor.dtype
-        kind = self.options.init
+        kind = self.init
         if kind in ("svd", "random"):
             gen = torch.Generator().manual_seed(seed)
             return {**base, "stage": "init", "init": kind, "version": cp_module.VERSION}, \

@@ -110,12 +110,6 @@ class LAPQ(Method):
 
     def __init__(self, bits: int = 4, act_bits: int = 4, rate: float = 2.0, **options):
         super().__init__(bits=bits, act_bits=act_bits, rate=rate, **options)
-        o = self.options
-        self.placement = o.placement
-        self.calib_samples, self.maxiter, self.batch_size = o.calib_samples, o.maxiter, o.batch_size
-        self.p_min, self.p_max, self.p_count = o.p_min, o.p_max, o.p_count
-        self.bias_correction, self.weight_grid = o.bias_correction, o.weight_grid
-        self.reuse_blocks = o.reuse_blocks
 
     # ------------------------------------------------------------------ checks
     def check(self, model: nn.Module, ctx: CompressContext) -> None:

@@ -56,8 +56,8 @@ class PTQ(Method):
     def compress(self, model: nn.Module, ctx: CompressContext) -> list[dict]:
         """Quantize the weights in place and insert activation quantizers (observed later)."""
         model.to(ctx.device)
-        o = self.options
-        weight_scheme = {"symmetric": True, "clip": o.clip, "p": o.p, "per_channel": o.per_channel, "ch_axis": 0}
-        act_scheme = {"clip": o.act_clip, "p": o.p, "symmetric": False}
+        weight_scheme = {"symmetric": True, "clip": self.clip, "p": self.p, "per_channel": self.per_channel,
+                         "ch_axis": 0}
+        act_scheme = {"clip": self.act_clip, "p": self.p, "symmetric": False}
         return quantize_model(model, layer_plan(model, ctx.policy, self.bits, self.act_bits),
                               weight_scheme=weight_scheme, act_scheme=act_scheme)

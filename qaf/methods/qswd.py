@@ -85,23 +85,21 @@ class QSWD(DecompositionMethod):
 
     def __init__(self, bits: int = 4, act_bits: int = 8, rate: float = 2.0, **options: Any):
         super().__init__(bits=bits, act_bits=act_bits, rate=rate, **options)
-        o = self.options
-        if o.unit_codes and (o.sparsity != 1 or o.code_bits is not None):
+        if self.unit_codes and (self.sparsity != 1 or self.code_bits is not None):
             raise ConfigError(f"method.unit_codes=true needs method.sparsity=1 and method.code_bits=null "
-                              f"(vector quantization), got sparsity={o.sparsity}, code_bits={o.code_bits}")
+                              f"(vector quantization), got sparsity={self.sparsity}, code_bits={self.code_bits}")
 
     def decompose(self, name: str, conv: nn.Conv2d, ctx: CompressContext,
-                  cache: FactorCache) -> tuple[nn.Module, dict[str, Grid], dict]:
+                  cache: FactorCache) -> tuple[nn.Module, dict[str, Grid | None], dict]:
         """The QSWD layer of one conv (factors cached) behind its input quantizer, and its report."""
-        o = self.options
-        matrix = weight_to_matrix(conv.weight.detach(), o.block).to(ctx.device, torch.float32)
+        matrix = weight_to_matrix(conv.weight.detach(), self.block).to(ctx.device, torch.float32)
         n, d = matrix.shape
-        k = min(o.atoms, n)
-        s = min(o.sparsity, k)
-        options = {"dict_bits": o.dict_bits, "code_bits": o.code_bits, "unit_codes": o.unit_codes,
-                   "init": o.init, "max_iter": o.max_iter, "tol": o.tol, "patience": o.patience}
+        k = min(self.atoms, n)
+        s = min(self.sparsity, k)
+        options = {"dict_bits": self.dict_bits, "code_bits": self.code_bits, "unit_codes": self.unit_codes,
+                   "init": self.init, "max_iter": self.max_iter, "tol": self.tol, "patience": self.patience}
         key = {"stage": "qswd", "version": qswd_module.VERSION, "grids": QUANT_VERSION, "weight": tensor_digest(conv.weight),
-               "block": o.block, "k": k, "s": s, **options, "dtype": "float32", "device": ctx.device.type,
+               "block": self.block, "k": k, "s": s, **options, "dtype": "float32", "device": ctx.device.type,
                "seed": ctx.seed}
 
         def solve() -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -111,11 +109,11 @@ class QSWD(DecompositionMethod):
 
         stored, meta, hit = cache.get_or_compute(key, solve, schema={"tensors": ["index", "values", "dictionary"],
                                                                       "meta": ["error", "iterations", "ranges"]})
-        layer = QSWDConv2d(conv, _result_from(stored, meta, o.unit_codes, ctx.device), o.block, o.weight_bits)
-        layer.qaf_bits = (o.weight_bits or 32, self.act_bits)
-        act = ActQuantizer(self.act_bits, clip=o.act_clip).to(conv.weight.device)
-        report = {"name": name, "shape": list(conv.weight.shape), "block": o.block, "n": n, "d": d, "k": k, "s": s,
-                  "dict_bits": o.dict_bits, "code_bits": o.code_bits, "unit_codes": o.unit_codes,
+        layer = QSWDConv2d(conv, _result_from(stored, meta, self.unit_codes, ctx.device), self.block, self.weight_bits)
+        layer.qaf_bits = (self.weight_bits or 32, self.act_bits)
+        act = ActQuantizer(self.act_bits, clip=self.act_clip).to(conv.weight.device)
+        report = {"name": name, "shape": list(conv.weight.shape), "block": self.block, "n": n, "d": d, "k": k, "s": s,
+                  "dict_bits": self.dict_bits, "code_bits": self.code_bits, "unit_codes": self.unit_codes,
                   "iterations": int(meta["iterations"]), "error": round(float(meta["error"]), 6), "cached": hit}
         return QuantInput(layer, act), {}, report
 

@@ -345,7 +345,8 @@ def _attach_paper(rows: dict[Key, Row], paper: dict[tuple, dict], paper_for: set
 
 
 def _sort_key(row: Row) -> tuple:
-    return (row.model, row.data, not row.is_float, (row.info or MethodInfo("")).order, row.method, row.w_bits, row.a_bits,
+    order = (row.info or MethodInfo("")).order
+    return (row.model, row.data, not row.is_float, order, row.method, row.w_bits, row.a_bits,
             -1.0 if row.rate is None else row.rate, row.eval_samples or 0, row.protocol)
 
 

@@ -60,7 +60,8 @@ def table_data(jobs: list[Job]) -> list[list]:
             key = job_key(job)
             method, w, a, rate = key.method, key.w_bits, key.a_bits, key.rate
             label = m.method_info.display if m.method_info.reference else f"{method} w{w}a{a}"
-            numbers = [m.top1, *(interval_of(m.top1_ci95) or (None, None)), m.top5, m.bops_pct, m.bops_pct_paper, m.size_bytes, m.fp32_top1]
+            numbers = [m.top1, *(interval_of(m.top1_ci95) or (None, None)), m.top5, m.bops_pct, m.bops_pct_paper,
+                       m.size_bytes, m.fp32_top1]
         else:
             method, w, a, rate = job.method, job.setting("bits"), job.setting("act_bits"), None
             label, numbers = f"{method} w{w}a{a if a else '?'}", [None] * 8

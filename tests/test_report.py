@@ -27,13 +27,13 @@ from qaf.metrics.stats import paired_comparison, wilson_interval
 from qaf.report import build_report
 from qaf.report.__main__ import main
 from qaf.report.collect import (FAILED, INCOMPLETE, INVALID, KILLED, NOT_STARTED, OK, RUNNING, Launch,
-                                collect_sweep, expected_overrides, latest_sweeps, record_launch)
+                                collect_sweep, latest_sweeps, record_launch)
 from qaf.report.compare import NotComparable, compare_runs
 from qaf.report.pareto import matched_cost, pareto_front, render_frontier_markdown
 from qaf.report.tables import FLOAT, Row, aggregate, read_paper_csv, render_latex
 from qaf.results import MethodInfo
 
-from conftest import compose
+from conftest import compose, expected_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 N = 400

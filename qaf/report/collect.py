@@ -400,23 +400,6 @@ def dirname_excludes(hydra_cfg: Mapping[str, Any]) -> list[str]:
     return [str(k) for k in _as_list(node.get("exclude_keys"))]
 
 
-def expected_overrides(sweep: Path) -> list[list[str]] | None:
-    """The jobs of the latest launch into ``sweep``, predicted from its ``multirun.yaml``.
-
-    Parameters
-    ----------
-    sweep : Path
-        The sweep directory.
-
-    Returns
-    -------
-    list[list[str]] | None
-        One override list per job (:func:`expected_from_hydra`), or None without a readable
-        ``multirun.yaml`` or when its jobs cannot be predicted.
-    """
-    return expected_from_hydra(_as_dict(_load_yaml(Path(sweep) / "multirun.yaml").get("hydra")))
-
-
 _GRID_SWEEPER = "hydra_plugins.qaf_grid_sweeper.grid_sweeper.GridSweeper"
 
 

@@ -222,9 +222,9 @@ class LoaderOptions:
     Attributes
     ----------
     calib_samples : int
-        Calibration images.
+        Calibration images, the first of a seeded permutation of the pool.
     eval_samples : int or None
-        Evaluation images (None: all).
+        Evaluation images, spread evenly over the evaluation set (None: all).
     batch_size, num_workers : int
         DataLoader settings.
     bn_transform, calib_transform : {"train", "eval"}

@@ -105,16 +105,10 @@ def embedded(calib_samples: int = 2048, eval_samples: int | None = None, batch_s
 
     Parameters
     ----------
-    calib_samples : int
-        Calibration images, the first of a seeded permutation of the training pool.
-    eval_samples : int or None
-        Evaluation images (None: all 10,000; N: N images spread over the set).
-    batch_size, num_workers : int
-        DataLoader settings.
+    calib_samples, eval_samples, batch_size, num_workers, bn_transform, calib_transform
+        See :class:`qaf.data.LoaderOptions` (10,000 evaluation images at most).
     seed : int
         Seed of the calibration pick and of the training augmentation.
-    bn_transform, calib_transform : {"train", "eval"}
-        Transform of batch-norm re-estimation and of the other calibration passes.
 
     Returns
     -------
@@ -146,16 +140,10 @@ def torchvision_cifar10(root: str | os.PathLike | None = None, calib_samples: in
     root : str, PathLike or None
         Folder holding ``cifar-10-batches-py/`` (the official python archive, extracted).
         Nothing is downloaded.
-    calib_samples : int
-        Calibration images drawn at random (by ``seed``) from the 50,000 training images.
-    eval_samples : int or None
-        Evaluation images from the 10,000 test images (None: all).
-    batch_size, num_workers : int
-        DataLoader settings.
+    calib_samples, eval_samples, batch_size, num_workers, bn_transform, calib_transform
+        See :class:`qaf.data.LoaderOptions` (50,000 training, 10,000 evaluation images).
     seed : int
         Seed of the calibration pick and of the training augmentation.
-    bn_transform, calib_transform : {"train", "eval"}
-        Transform of batch-norm re-estimation and of the other calibration passes.
 
     Returns
     -------

@@ -102,19 +102,13 @@ def folders(root: str | os.PathLike | None = None, calib_samples: int = 2048,
     root : str, PathLike or None
         Folder holding ``val/`` (evaluation) and ``train/`` (calibration); any subset of the
         1000 class folders may be present.
-    calib_samples : int
-        Calibration images drawn at random (by ``seed``) from ``calib_split``.
-    eval_samples : int or None
-        Evaluation images from ``val/``, spread over all of it (None: all).
-    batch_size, num_workers : int
-        DataLoader settings.
+    calib_samples, eval_samples, batch_size, num_workers, bn_transform, calib_transform
+        See :class:`qaf.data.LoaderOptions` (calibration from ``calib_split``, evaluation from ``val/``).
     seed : int
         Seed of the calibration pick and of the training augmentation.
     calib_split : str
         ``"train"``, or ``"val"`` to calibrate on validation images (they then overlap the
         evaluation images: only for a knowingly optimistic setup or a val-only copy).
-    bn_transform, calib_transform : {"train", "eval"}
-        Transform of batch-norm re-estimation and of the other calibration passes.
 
     Returns
     -------

@@ -97,7 +97,6 @@ class Method(abc.ABC):
     """
 
     name: str = "base"
-    info: MethodInfo = MethodInfo(display="base")
     Options: type = NoOptions
 
     def __init__(self, bits: int = 4, act_bits: int = 8, rate: float = 2.0, **options: Any):
@@ -113,8 +112,13 @@ class Method(abc.ABC):
                               f"{', '.join(accepted) or 'none'}")
         check_options(self.options, "method")
 
+    @property
+    def info(self) -> MethodInfo:
+        """How reports show the method: its name, no rate, unless the subclass declares ``info``."""
+        return MethodInfo(display=self.name)
+
     def __getattr__(self, key: str) -> Any:
-        """An option read as an attribute (``self.clip`` is ``self.clip``)."""
+        """An option read as an attribute (``self.clip`` is ``self.options.clip``)."""
         options = self.__dict__.get("options")
         if options is None or key not in options.__dataclass_fields__:
             raise AttributeError(f"{type(self).__name__} has no attribute {key!r}")

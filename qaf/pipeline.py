@@ -320,18 +320,19 @@ class Job:
 
 
 def setup(cfg: DictConfig) -> Job:
-    """Seed, then build model, data, method, policy and fine-tuning from ``cfg``; ``method.check``.
+    """Seed, then build method, policy, fine-tuning (their options checked), model and data from
+    ``cfg``; ``method.check``.
 
-    Raises ``ConfigError`` (bad weights, options the method rejects) before any heavy work.
+    Raises ``ConfigError`` (options a group rejects, bad weights) before any heavy work.
     """
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     device = resolve_device(str(cfg.device))
-    model: nn.Module = build(cfg.model)
-    check_weights(model)
-    data: DataBundle = build(cfg.data)
     method: Method = build(cfg.method, bits=cfg.bits, act_bits=cfg.act_bits, rate=float(cfg.rate))
     policy = LayerPolicy.from_config(cfg.policy)
     finetune = build(cfg.finetune) if cfg.get("finetune") else None
+    model: nn.Module = build(cfg.model)
+    check_weights(model)
+    data: DataBundle = build(cfg.data)
     cache = FactorCache(cfg.cache.dir, enabled=bool(cfg.cache.enabled))
     ctx = CompressContext(data=data, device=device, policy=policy, cache=cache, seed=int(cfg.seed),
                           progress=bool(cfg.get("progress", False)))

@@ -60,7 +60,8 @@ def inferred_info(payload: dict[str, Any]) -> MethodInfo:
     MethodInfo
     """
     layers = payload.get("layers") if isinstance(payload.get("layers"), list) else []
-    unchanged = not layers and payload.get("size_bytes") == payload.get("fp32_size_bytes")
+    size = payload.get("size_bytes")
+    unchanged = not layers and isinstance(size, int) and size == payload.get("fp32_size_bytes")
     return MethodInfo(display=str(payload.get("method")), reference=unchanged,
                       uses_rate=any(isinstance(layer, dict) and "rank" in layer for layer in layers))
 

@@ -1,6 +1,6 @@
 """Config checks: every bad value is reported once, by key, before any heavy work starts.
 
-Each group declares its keys once, as a dataclass whose fields are :func:`option` s (the accepted
+A group declares its keys once, as a dataclass whose fields are :func:`option` s (the accepted
 values beside the default), and :func:`check_options` checks them all where the group is built;
 :func:`validate` checks the top-level keys of a run config (:class:`RunKeys`) the same way.
 
@@ -188,9 +188,8 @@ class RunKeys:
 def validate(cfg: DictConfig) -> None:
     """Check the top-level keys of a composed run config (:class:`RunKeys`, ``device``, ``export``).
 
-    Each group checks its own keys where it is built (``Method``, the data builders,
-    ``LayerPolicy.from_config``, ``Distillation``): the same :func:`check_options`, on the
-    group's declared options.
+    Each group checks its own keys where it is built (``Method`` and ``Distillation`` with
+    :func:`check_options`, the data builders, ``LayerPolicy.from_config``).
 
     Parameters
     ----------

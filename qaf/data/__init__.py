@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from qaf.config import ConfigError, check_choice, check_options, option
+from qaf.config import ConfigError, check_choice, check_int
 
 # The packaged CIFAR ResNets were trained with ImageNet statistics, so both data sets use them.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -175,6 +175,8 @@ class DataBundle:
     order: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        check_choice("data.bn_transform", self.bn_transform, TRANSFORMS)
+        check_choice("data.calib_transform", self.calib_transform, TRANSFORMS)
         self.order = pool_order(len(self.pool), self.calib_samples, self.seed)  # type: ignore[arg-type]
 
     def calib(self, transform: str | None = None, samples: int | None = None, epoch: int = 0) -> Dataset:
@@ -215,31 +217,24 @@ class DataBundle:
                 "eval_samples": len(self.eval)}  # type: ignore[arg-type]
 
 
-@dataclass
-class LoaderOptions:
-    """The ``data.*`` keys every data builder takes, checked before anything is loaded.
+def check_loader_options(calib_samples: int, eval_samples: int | None, batch_size: int,
+                         num_workers: int) -> None:
+    """Reject non-positive sample counts, batch sizes and negative worker counts.
 
-    Attributes
+    Parameters
     ----------
-    calib_samples : int
-        Calibration images, the first of a seeded permutation of the pool.
-    eval_samples : int or None
-        Evaluation images, spread evenly over the evaluation set (None: all).
-    batch_size, num_workers : int
-        DataLoader settings.
-    bn_transform, calib_transform : {"train", "eval"}
-        Transform of batch-norm re-estimation and of the other calibration passes.
+    calib_samples, eval_samples, batch_size, num_workers
+        The ``data.*`` config values (``eval_samples`` may be None: all).
+
+    Raises
+    ------
+    ConfigError
+        Naming the first bad key and what it accepts.
     """
-
-    calib_samples: int = option(2048, low=1)
-    eval_samples: int | None = option(None, low=1)
-    batch_size: int = option(256, low=1)
-    num_workers: int = option(0, low=0)
-    bn_transform: str = option("train", choices=TRANSFORMS)
-    calib_transform: str = option("eval", choices=TRANSFORMS)
-
-    def __post_init__(self) -> None:
-        check_options(self, "data")
+    check_int("data.calib_samples", calib_samples, 1)
+    check_int("data.batch_size", batch_size, 1)
+    check_int("data.num_workers", num_workers, 0)
+    check_int("data.eval_samples", eval_samples, 1, nullable=True)
 
 
 def pool_order(available: int, samples: int, seed: int) -> np.ndarray:

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset, Subset
 from torchvision import datasets, transforms
 
 from qaf.config import ConfigError
-from qaf.data import IMAGENET_MEAN, IMAGENET_STD, DataBundle, LoaderOptions, eval_indices
+from qaf.data import IMAGENET_MEAN, IMAGENET_STD, DataBundle, check_loader_options, eval_indices
 from qaf.models.checkpoint import resolve_path
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -105,10 +105,16 @@ def embedded(calib_samples: int = 2048, eval_samples: int | None = None, batch_s
 
     Parameters
     ----------
-    calib_samples, eval_samples, batch_size, num_workers, bn_transform, calib_transform
-        See :class:`qaf.data.LoaderOptions` (10,000 evaluation images at most).
+    calib_samples : int
+        Calibration images, the first of a seeded permutation of the training pool.
+    eval_samples : int or None
+        Evaluation images (None: all 10,000; N: N images spread over the set).
+    batch_size, num_workers : int
+        DataLoader settings.
     seed : int
         Seed of the calibration pick and of the training augmentation.
+    bn_transform, calib_transform : {"train", "eval"}
+        Transform of batch-norm re-estimation and of the other calibration passes.
 
     Returns
     -------
@@ -120,7 +126,7 @@ def embedded(calib_samples: int = 2048, eval_samples: int | None = None, batch_s
     ConfigError
         For bad counts, e.g. more calibration images than packaged.
     """
-    LoaderOptions(calib_samples, eval_samples, batch_size, num_workers, bn_transform, calib_transform)
+    check_loader_options(calib_samples, eval_samples, batch_size, num_workers)
     with np.load(TEST_FILE) as test, np.load(TRAIN_FILE) as train:
         idx = eval_indices(len(test["labels"]), eval_samples)
         eval_set = NormalizedImages(test["images"][idx], test["labels"][idx], test["test_index"][idx])
@@ -140,10 +146,16 @@ def torchvision_cifar10(root: str | os.PathLike | None = None, calib_samples: in
     root : str, PathLike or None
         Folder holding ``cifar-10-batches-py/`` (the official python archive, extracted).
         Nothing is downloaded.
-    calib_samples, eval_samples, batch_size, num_workers, bn_transform, calib_transform
-        See :class:`qaf.data.LoaderOptions` (50,000 training, 10,000 evaluation images).
+    calib_samples : int
+        Calibration images drawn at random (by ``seed``) from the 50,000 training images.
+    eval_samples : int or None
+        Evaluation images from the 10,000 test images (None: all).
+    batch_size, num_workers : int
+        DataLoader settings.
     seed : int
         Seed of the calibration pick and of the training augmentation.
+    bn_transform, calib_transform : {"train", "eval"}
+        Transform of batch-norm re-estimation and of the other calibration passes.
 
     Returns
     -------
@@ -155,7 +167,7 @@ def torchvision_cifar10(root: str | os.PathLike | None = None, calib_samples: in
     ConfigError
         If ``root`` is unset, missing or lacks the data set, or for bad counts.
     """
-    LoaderOptions(calib_samples, eval_samples, batch_size, num_workers, bn_transform, calib_transform)
+    check_loader_options(calib_samples, eval_samples, batch_size, num_workers)
     layout = "accepted: a folder containing cifar-10-batches-py/ (the extracted python version)"
     if root is None:
         raise ConfigError(f"data.root is not set: pass data.root=PATH; {layout}")

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from torch.utils.data import Subset
 from torchvision import datasets, transforms
 
-from qaf.config import ConfigError, option
-from qaf.data import IMAGENET_MEAN, IMAGENET_STD, DataBundle, LoaderOptions, eval_indices
+from qaf.config import ConfigError
+from qaf.data import IMAGENET_MEAN, IMAGENET_STD, DataBundle, check_loader_options, eval_indices
 from qaf.models.checkpoint import resolve_path
 
 # One line per class, "<wnid> <words>", in the canonical (torchvision / Caffe) order: line i is class i.
@@ -84,13 +83,6 @@ class WnidFolder(datasets.ImageFolder):
         return folders, {f: canonical[f] for f in folders}
 
 
-@dataclass
-class ImageNetOptions(LoaderOptions):
-    """:class:`qaf.data.LoaderOptions` and the split calibration images come from."""
-
-    calib_split: str = option("train", choices=SPLITS)
-
-
 def folders(root: str | os.PathLike | None = None, calib_samples: int = 2048,
             eval_samples: int | None = None, batch_size: int = 64, num_workers: int = 4,
             seed: int = 0, calib_split: str = "train", bn_transform: str = "train",
@@ -102,13 +94,19 @@ def folders(root: str | os.PathLike | None = None, calib_samples: int = 2048,
     root : str, PathLike or None
         Folder holding ``val/`` (evaluation) and ``train/`` (calibration); any subset of the
         1000 class folders may be present.
-    calib_samples, eval_samples, batch_size, num_workers, bn_transform, calib_transform
-        See :class:`qaf.data.LoaderOptions` (calibration from ``calib_split``, evaluation from ``val/``).
+    calib_samples : int
+        Calibration images drawn at random (by ``seed``) from ``calib_split``.
+    eval_samples : int or None
+        Evaluation images from ``val/``, spread over all of it (None: all).
+    batch_size, num_workers : int
+        DataLoader settings.
     seed : int
         Seed of the calibration pick and of the training augmentation.
     calib_split : str
         ``"train"``, or ``"val"`` to calibrate on validation images (they then overlap the
         evaluation images: only for a knowingly optimistic setup or a val-only copy).
+    bn_transform, calib_transform : {"train", "eval"}
+        Transform of batch-norm re-estimation and of the other calibration passes.
 
     Returns
     -------
@@ -120,7 +118,9 @@ def folders(root: str | os.PathLike | None = None, calib_samples: int = 2048,
     ConfigError
         If ``root`` is unset or lacks a needed split, a folder is not a WNID, or counts are bad.
     """
-    ImageNetOptions(calib_samples, eval_samples, batch_size, num_workers, bn_transform, calib_transform, calib_split)
+    check_loader_options(calib_samples, eval_samples, batch_size, num_workers)
+    if calib_split not in SPLITS:
+        raise ConfigError(f"data.calib_split={calib_split} is invalid: accepted {', '.join(SPLITS)}")
     layout = ("accepted: a folder with val/<wnid>/*.JPEG for evaluation and "
               f"{calib_split}/<wnid>/*.JPEG for calibration")
     if root is None:

@@ -192,6 +192,10 @@ class CP(DecompositionMethod):
         sub_grids = {"pointwise_in": b, "depthwise": c, "pointwise_out": a}
         return CPConv2d(conv, [f.to(wdt) for f in factors]), sub_grids, report
 
+    def epc_sweeps(self, rank: int) -> int:
+        """EPC sweeps of a rank-``rank`` layer: ``clamp(epc_work / R^3, epc_min_iters, epc_iters)``."""
+        return int(min(self.epc["iters"], max(self.epc["min_iters"], self.epc["work"] / rank**3)))
+
     def _start(self, tensor: Tensor, rank: int, base: dict, cache: FactorCache, seed: int,
                hits: list[bool]) -> tuple[dict, list[Tensor]]:
         """Float starting factors (an init, ALS or EPC), cached; returns (key, factors)."""
@@ -214,7 +218,7 @@ class CP(DecompositionMethod):
         als = _as_list(stored, dev, dt)
         if kind == "als":
             return als_key, als
-        sweeps = int(min(self.epc["iters"], max(self.epc["min_iters"], self.epc["work"] / rank**3)))
+        sweeps = self.epc_sweeps(rank)
         epc_key = {**als_key, "stage": "epc", "epc_version": epc_module.VERSION, "epc": {**self.epc, "sweeps": sweeps}}
 
         def run_epc() -> tuple[dict[str, Tensor], dict[str, Any]]:

@@ -141,7 +141,7 @@ class Row:
     @property
     def label(self) -> str:
         """The method as the paper names it, with the swept method options, e.g. ``PTQ (clip=mse)``."""
-        variant = self.method.partition("[")[2][:-1]  # the last "]" closes it (values may hold lists)
+        variant = self.method.partition("[")[2].removesuffix("]")  # a value may end in "]" too
         name = self.info.display if self.info else self.base_method
         return f"{name} ({variant})" if variant else name
 

@@ -373,6 +373,9 @@ def test_metrics_written_before_method_info_are_reported(tmp_path: Path) -> None
     rows = aggregate(jobs)
     assert [(r.label, r.w_bits, r.rate, r.is_float) for r in rows] == [
         ("fp32", 32, None, True), ("cpd", 4, 2.0, False), ("ptq", 4, None, False)]
+    # A new file of the same setting beside them: the row takes what the method declares.
+    run_job(root / "cpd_new", "cpd", correct(0.7, seed=1))
+    assert [r.label for r in aggregate(collect_sweep(root))] == ["fp32", "CPD→PTQ", "ptq"]
 
 
 def test_size_ratio_and_image_count(tmp_path: Path) -> None:

@@ -238,8 +238,7 @@ def aggregate(jobs: Iterable[Job], paper: dict[tuple, dict] | None = None,
     rows = {key: _row(key, members, BOPS_FIELDS[bops]) for key, members in groups.items()}
     _add_float_rows(rows, [j for members in groups.values() for j in members])
     if paper:
-        infos = {j.method: j.metrics.method_info for members in groups.values() for j in members if j.metrics}
-        _attach_paper(rows, paper, paper_for, infos)
+        _attach_paper(rows, paper, paper_for, {r.base_method: r.info for r in rows.values() if r.info})
     ordered = sorted(rows.values(), key=_sort_key)
     mark_best(ordered)
     return ordered
@@ -258,7 +257,7 @@ def _row(key: Key, jobs: list[Job], bops_field: str) -> Row:
                 for ms in by_seed.values()]
     top1s = [s["top1"] for s in per_seed if s["top1"] is not None]
     row = Row(*key, top1=_mean(top1s), top1_std=statistics.stdev(top1s) if len(top1s) > 1 else None,
-              seeds=len(per_seed), jobs=jobs, info=metrics[0].method_info,
+              seeds=len(per_seed), jobs=jobs, info=max(metrics, key=lambda m: m.schema_version).method_info,
               **{name: _mean([s[name] for s in per_seed]) for name in fields if name != "top1"})
     if len(per_seed) == 1:
         row.top1_ci = interval_of(metrics[0].top1_ci95)

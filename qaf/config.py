@@ -1,15 +1,22 @@
 """Config checks: every bad value is reported once, by key, before any heavy work starts.
 
+A group declares its keys once, as a dataclass whose fields are :func:`option` s (the accepted
+values beside the default), and :func:`check_options` checks them all where the group is built;
+:func:`validate` checks the top-level keys of a run config (:class:`RunKeys`) the same way.
+
 Importing this module also registers the OmegaConf resolvers the configs use
 (``qaf_uid`` for collision-free sweep ids, ``qaf_jobdir`` for job directory names).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import secrets
+import typing
+from collections.abc import Sequence
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -40,8 +47,7 @@ SEED_MAX = 2**32 - 1  # numpy's (and Lightning's seed_everything's) limit
 # resumed with other values for them (another machine, more GPUs, quiet console) skips finished
 # jobs. Dotted keys name nested entries.
 EXECUTION_KEYS = ("sweep_id", "resume", "overwrite", "progress", "logger", "cache", "hydra", "device",
-                  "export", "trainer.devices", "trainer.accelerator", "trainer.strategy",
-                  "data.num_workers")
+                  "export", "trainer.devices", "trainer.accelerator", "data.num_workers")
 
 
 def _is_int(value: Any) -> bool:
@@ -92,11 +98,98 @@ def check_choice(key: str, value: Any, choices: tuple[str, ...] | list[str]) -> 
         raise ConfigError(f"{key}={value!r} is invalid: accepted {', '.join(map(str, choices))}")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Check the top-level and data keys of a composed run config.
+def option(default: Any = dataclasses.MISSING, *, choices: Sequence[Any] = (), low: float | str | None = None,
+           high: float | str | None = None, low_open: bool = False) -> Any:
+    """A dataclass field that declares what it accepts, checked by :func:`check_options`.
 
-    Group-specific checks (model depth, checkpoint files, method options) live with the code that
-    knows them and also raise ``ConfigError``.
+    The field's annotation gives the kind: ``bool``, ``int``, ``float``, ``str``, ``list[str]``,
+    optionally ``| None`` (null accepted).
+
+    Parameters
+    ----------
+    default : Any
+        The default (a list is copied per instance); none: the key is required.
+    choices : sequence
+        The accepted values (any kind).
+    low, high : float, str or None
+        Bounds of a number, inclusive (``low_open``: ``low`` excluded); a string names another
+        field whose value is the bound.
+    low_open : bool
+        ``low`` itself is rejected.
+
+    Returns
+    -------
+    dataclasses.Field
+    """
+    spec = {"choices": tuple(choices), "low": low, "high": high, "low_open": low_open}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"accepts": spec})
+    return dataclasses.field(default=default, metadata={"accepts": spec})
+
+
+def check_options(options: Any, prefix: str = "") -> None:
+    """Raise ``ConfigError`` for the first :func:`option` field of ``options`` holding a value it rejects.
+
+    Parameters
+    ----------
+    options : dataclass instance
+        Values to check.
+    prefix : str
+        The config node they come from (``method``): keys are named ``<prefix>.<field>``.
+
+    Raises
+    ------
+    ConfigError
+        ``<key>=<value> is invalid: accepted ...``.
+    """
+    hints = typing.get_type_hints(type(options))
+    for f in dataclasses.fields(options):
+        spec = f.metadata.get("accepts")
+        if spec is None:
+            continue
+        key, value = f"{prefix}.{f.name}" if prefix else f.name, getattr(options, f.name)
+        kind, nullable = _kind(hints[f.name])
+        low, high = (getattr(options, b) if isinstance(b, str) else b for b in (spec["low"], spec["high"]))
+        if spec["choices"]:
+            if not (nullable and value is None):
+                check_choice(key, value, spec["choices"])
+        elif kind is bool:
+            check_bool(key, value)
+        elif kind is int:
+            check_int(key, value, low, high, nullable)
+        elif kind is float:
+            check_number(key, value, low, high, low_open=spec["low_open"], nullable=nullable)
+        elif kind is list and not (isinstance(value, Sequence) and not isinstance(value, str)
+                                   and all(isinstance(v, str) for v in value)):
+            raise ConfigError(f"{key}={value!r} is invalid: accepted a list of strings")
+
+
+def _kind(hint: Any) -> tuple[type, bool]:
+    """``(kind, nullable)`` of an annotation: ``int | None`` -> (int, True), ``list[str]`` -> (list, False)."""
+    if typing.get_origin(hint) is list:
+        return list, False
+    args = typing.get_args(hint)
+    return next((a for a in args if a is not type(None)), hint), type(None) in args
+
+
+@dataclasses.dataclass
+class RunKeys:
+    """The top-level keys of a run config (``conf/config.yaml``) that :func:`validate` checks."""
+
+    bits: int = option(None, low=BITS_RANGE[0], high=BITS_RANGE[1])
+    act_bits: int = option(None, low=BITS_RANGE[0], high=BITS_RANGE[1])
+    rate: float = option(None, low=1, low_open=True)
+    seed: int = option(None, low=0, high=SEED_MAX)
+    resume: bool = option(False)
+    overwrite: bool = option(False)
+    progress: bool = option(False)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the top-level keys of a composed run config (:class:`RunKeys`, ``device``, ``export``).
+
+    Each group checks its own keys where it is built (``Method`` and ``Distillation`` with
+    :func:`check_options`, the data builders, ``LayerPolicy.from_config``).
 
     Parameters
     ----------
@@ -108,15 +201,13 @@ def validate(cfg: DictConfig) -> None:
     ConfigError
         On the first invalid key, naming it and what is accepted.
     """
-    for key in ("bits", "act_bits"):
-        check_int(key, cfg.get(key), *BITS_RANGE)
-    check_number("rate", cfg.get("rate"), 1, low_open=True)
-    check_int("seed", cfg.get("seed"), 0, SEED_MAX)
-    for key in ("resume", "overwrite", "progress", "export.artifact", "export.onnx"):
-        check_bool(key, OmegaConf.select(cfg, key, default=False))
-    if not isinstance(cfg.get("export", False), (bool, DictConfig)):
-        raise ConfigError(f"export={cfg.get('export')!r} is invalid: accepted true, false, "
+    check_options(RunKeys(**{f.name: cfg.get(f.name, f.default) for f in dataclasses.fields(RunKeys)}))
+    export = cfg.get("export", False)
+    if not isinstance(export, (bool, DictConfig)):
+        raise ConfigError(f"export={export!r} is invalid: accepted true, false, "
                           "or export.artifact / export.onnx set to true or false")
+    for key in ("export.artifact", "export.onnx"):
+        check_bool(key, OmegaConf.select(cfg, key, default=False))
     device = cfg.get("device", "auto")
     if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
         raise ConfigError(f"device={device!r} is invalid: accepted auto, cpu, cuda or cuda:N")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qaf.calib import BN_TYPES
-from qaf.config import check_int, check_number
+from qaf.config import check_options, option
 from qaf.data import DataBundle
 from qaf.quant.modules import QuantLayer
 
@@ -51,22 +51,16 @@ class Distillation:
         Weight of the cross-entropy on labels (0: distillation only).
     """
 
-    steps: int = 1000
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    batch_size: int = 128
-    samples: int = 10000
-    temperature: float = 4.0
-    label_weight: float = 0.0
+    steps: int = option(1000, low=1)
+    lr: float = option(1e-4, low=0, low_open=True)
+    weight_decay: float = option(0.0, low=0)
+    batch_size: int = option(128, low=1)
+    samples: int = option(10000, low=1)
+    temperature: float = option(4.0, low=0, low_open=True)
+    label_weight: float = option(0.0, low=0)
 
     def __post_init__(self) -> None:
-        check_int("finetune.steps", self.steps, 1)
-        check_number("finetune.lr", self.lr, 0, low_open=True)
-        check_number("finetune.weight_decay", self.weight_decay, 0)
-        check_int("finetune.batch_size", self.batch_size, 1)
-        check_int("finetune.samples", self.samples, 1)
-        check_number("finetune.temperature", self.temperature, 0, low_open=True)
-        check_number("finetune.label_weight", self.label_weight, 0)
+        check_options(self, "finetune")
 
     def as_dict(self) -> dict[str, Any]:
         """Plain dict (for metrics.json)."""

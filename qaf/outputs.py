@@ -3,8 +3,8 @@
 One job folder holds, besides Hydra's ``.hydra/`` and the logs:
 
 - ``running.json`` while the job runs (pid, host, start, config hash): left behind by a killed job;
-- ``metrics.json`` when it finished, written last and atomically, strict JSON, schema-checked on
-  every read; ``predictions.npz`` beside it (per-image correctness);
+- ``metrics.json`` when it finished, written last and atomically, strict JSON, checked against
+  :class:`qaf.results.Metrics` on every read; ``predictions.npz`` beside it (per-image correctness);
 - ``failed.json`` when it raised (error type, message, stage, config hash), written atomically;
 - the experiment logger's run (``wandb/``, ``csv/``) of the attempt that wrote the results: a job
   that runs again moves those of earlier attempts into ``.replaced/<time>/``.
@@ -27,6 +27,7 @@ from typing import Any
 
 from qaf.cache import clean_stale_temps
 from qaf.config import ConfigError
+from qaf.results import Metrics, from_json
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.npz"
@@ -35,12 +36,6 @@ RUNNING_FILE = "running.json"
 RESULT_FILES = (METRICS_FILE, PREDICTIONS_FILE, FAILED_FILE)
 #: Experiment loggers' folders (``logger=wandb``, ``logger=csv``): one run per attempt of the job.
 LOGGER_DIRS = ("wandb", "csv")
-#: Fields every metrics.json has, with their types (checked by resume and by the report).
-METRICS_SCHEMA: dict[str, type | tuple[type, ...]] = {
-    "method": str, "model": str, "data": str, "bits": int, "act_bits": int, "seed": int,
-    "top1": (int, float), "top5": (int, float), "eval_samples": int, "top1_ci95": list,
-    "bops_pct": (int, float), "config_hash": str, "config": dict,
-}
 
 
 def strict_json(obj: Any) -> Any:
@@ -69,17 +64,6 @@ def write_json_atomic(path: Path, payload: Any) -> None:
         raise
 
 
-def metrics_problem(metrics: Any) -> str | None:
-    """Why ``metrics`` is not a valid metrics.json payload, or None."""
-    if not isinstance(metrics, dict):
-        return f"holds a {type(metrics).__name__}, not an object"
-    for key, kind in METRICS_SCHEMA.items():
-        value = metrics.get(key)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            return f"field {key!r} is missing or not a {getattr(kind, '__name__', 'number')}"
-    return None
-
-
 def read_json(path: Path) -> tuple[Any, str | None]:
     """``(payload, problem)``: the parsed file, or None and why it could not be read."""
     try:
@@ -90,15 +74,14 @@ def read_json(path: Path) -> tuple[Any, str | None]:
         return None, f"unreadable ({err})"
 
 
-def read_metrics(folder: Path) -> tuple[dict | None, str | None]:
-    """``(metrics, problem)`` of a job folder: valid metrics and None, or None and why not."""
+def read_metrics(folder: Path) -> tuple[Metrics | None, str | None]:
+    """``(metrics, problem)`` of a job folder: valid metrics and None, or None and why not
+    (:func:`qaf.results.from_json` checks every field)."""
     payload, problem = read_json(folder / METRICS_FILE)
-    if problem is None:
-        problem = metrics_problem(payload)
-    return (payload, None) if problem is None else (None, problem)
+    return (None, problem) if problem is not None else from_json(payload)
 
 
-def prepare(folder: Path, config_hash: str, resume: bool, overwrite: bool, sweep_id: str) -> dict | None:
+def prepare(folder: Path, config_hash: str, resume: bool, overwrite: bool, sweep_id: str) -> Metrics | None:
     """Make ``folder`` ready for a run of ``config_hash``; return finished metrics to reuse.
 
     Parameters
@@ -116,7 +99,7 @@ def prepare(folder: Path, config_hash: str, resume: bool, overwrite: bool, sweep
 
     Returns
     -------
-    dict or None
+    Metrics or None
         The finished metrics when the run can be skipped.
 
     Raises
@@ -126,13 +109,13 @@ def prepare(folder: Path, config_hash: str, resume: bool, overwrite: bool, sweep
     """
     clean_stale_temps(folder, ".*.tmp")
     metrics, problem = read_metrics(folder)
-    if metrics is not None and metrics["config_hash"] == config_hash:
+    if metrics is not None and metrics.config_hash == config_hash:
         if resume:
             return metrics
     elif metrics is not None and not overwrite:
         raise ConfigError(
             f"sweep_id={sweep_id}: {folder} already holds the results of another config "
-            f"(config_hash {metrics['config_hash']}, this run {config_hash}); accepted: another sweep_id, "
+            f"(config_hash {metrics.config_hash}, this run {config_hash}); accepted: another sweep_id, "
             "or overwrite=true to move the old results into .replaced/")
     # The run replaces the old results (of this config with resume=false, of another with
     # overwrite=true, or a damaged metrics.json, kept for inspection) and the logger runs of every

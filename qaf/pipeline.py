@@ -39,6 +39,7 @@ from qaf.metrics import bops as cost
 from qaf.metrics.size import size_bytes
 from qaf.metrics.stats import paired_comparison, wilson_interval
 from qaf.quant.policy import LayerPolicy
+from qaf.results import Metrics
 
 log = logging.getLogger("qaf")
 
@@ -218,7 +219,7 @@ def run(cfg: DictConfig) -> dict:
             (output_dir / outputs.FAILED_FILE).unlink(missing_ok=True)
             log.info("skipped: %s already holds the results of this config (resume=true)",
                      output_dir / outputs.METRICS_FILE)
-            return done
+            return done.to_json()
     stages = Stages()
     marker = outputs.RunMarker(output_dir, chash) if writer else None
     loggers: list[Any] = []
@@ -270,60 +271,39 @@ def _run(cfg: DictConfig, output_dir: Path, chash: str, stages: Stages, writer: 
     fp32_macs = cost.total_macs(fp32_costs)
     bops = cost.total_bops(costs)
     n = int(result.correct1.size)
-    metrics = {
-        "method": method.name,
-        "model": _model_name(cfg),
-        "data": data.name,
-        "bits": int(cfg.bits),
-        "act_bits": int(cfg.act_bits),
-        "rate": float(cfg.rate),
-        "seed": int(cfg.seed),
-        "policy": policy.name,
-        "top1": round(result.top1, 4),
-        "top5": round(result.top5, 4),
-        "eval_samples": n,
-        "top1_ci95": [round(v, 4) for v in wilson_interval(int(result.correct1.sum()), n)],
-        "fp32_top1": round(fp32.top1, 4),
-        "vs_fp32": paired_comparison(result.correct1, fp32.correct1).as_dict(),
-        "macs": cost.total_macs(costs),
-        "fp32_macs": fp32_macs,
-        "bops": bops,
-        "bops_pct": cost.bops_pct(bops, fp32_macs),
-        "bops_pct_paper": cost.paper_bops_pct(model, costs, fp32_macs, int(cfg.bits), int(cfg.act_bits)),
-        "params": sum(p.numel() for p in model.parameters()),
-        "size_bytes": size_bytes(model),
-        "fp32_size_bytes": fp32_size,
-        "protocol": protocol,
-        "layers": layers,
-        "method_summary": method.summary,
-        "finetune_summary": finetune_summary,
-        "timings": dict(stages),
-        "sweep_id": str(cfg.sweep_id),
-        "overrides": _overrides(),
-        "config_hash": chash,
-        "config": result_config(cfg),
-        **provenance.versions(),
-    }
-    metrics["compression_ratio"] = fp32_size / metrics["size_bytes"]
+    size = size_bytes(model)
+    metrics = Metrics(
+        method=method.name, method_info=method.info, model=_model_name(cfg), data=data.name, bits=int(cfg.bits),
+        act_bits=int(cfg.act_bits), rate=float(cfg.rate), seed=int(cfg.seed), policy=policy.name,
+        top1=round(result.top1, 4), top5=round(result.top5, 4), eval_samples=n,
+        top1_ci95=[round(v, 4) for v in wilson_interval(int(result.correct1.sum()), n)],
+        fp32_top1=round(fp32.top1, 4), vs_fp32=paired_comparison(result.correct1, fp32.correct1).as_dict(),
+        macs=cost.total_macs(costs), fp32_macs=fp32_macs, bops=bops, bops_pct=cost.bops_pct(bops, fp32_macs),
+        bops_pct_paper=cost.paper_bops_pct(model, costs, fp32_macs, int(cfg.bits), int(cfg.act_bits)),
+        params=sum(p.numel() for p in model.parameters()), size_bytes=size, fp32_size_bytes=fp32_size,
+        protocol=protocol, layers=layers, method_summary=method.summary, finetune_summary=finetune_summary,
+        timings=dict(stages), sweep_id=str(cfg.sweep_id), overrides=_overrides(), config_hash=chash,
+        config=result_config(cfg), **provenance.versions(), compression_ratio=fp32_size / size)
     if writer and any(export_options(cfg)):
         with stages.stage("export"):
             try:
-                metrics["export"] = export_run(model, cfg, output_dir, data.input_size, metrics)
+                metrics.export = export_run(model, cfg, output_dir, data.input_size, metrics.to_json())
             except Exception as err:  # the evaluation stands: keep it, and say why nothing was exported
                 log.error("export failed (%s: %s); metrics.json is written without it", type(err).__name__, err)
-                metrics["export"] = {"error": f"{type(err).__name__}: {err}"}
-        metrics["timings"] = dict(stages)
+                metrics.export = {"error": f"{type(err).__name__}: {err}"}
+        metrics.timings = dict(stages)
+    payload = metrics.to_json()
     if writer:
         np.savez_compressed(output_dir / outputs.PREDICTIONS_FILE, correct1=np.packbits(result.correct1),
                             correct5=np.packbits(result.correct5), n=n)
-        log_results(logger, metrics)
-        outputs.write_json_atomic(output_dir / outputs.METRICS_FILE, metrics)
+        log_results(logger, payload)
+        outputs.write_json_atomic(output_dir / outputs.METRICS_FILE, payload)
         (output_dir / outputs.FAILED_FILE).unlink(missing_ok=True)
-    lo, hi = metrics["top1_ci95"]
+    lo, hi = metrics.top1_ci95
     log.info("result: top-1 %.2f%% [%.2f, %.2f] (float %.2f%%), %.3f %%BOPs, %.1f kB (%.1fx smaller) -> %s",
-             metrics["top1"], lo, hi, metrics["fp32_top1"], metrics["bops_pct"], metrics["size_bytes"] / 1e3,
-             metrics["compression_ratio"], output_dir / outputs.METRICS_FILE)
-    return metrics
+             metrics.top1, lo, hi, metrics.fp32_top1, metrics.bops_pct, size / 1e3, metrics.compression_ratio,
+             output_dir / outputs.METRICS_FILE)
+    return payload
 
 
 @dataclass
@@ -340,18 +320,19 @@ class Job:
 
 
 def setup(cfg: DictConfig) -> Job:
-    """Seed, then build model, data, method, policy and fine-tuning from ``cfg``; ``method.check``.
+    """Seed, then build method, policy, fine-tuning (their options checked), model and data from
+    ``cfg``; ``method.check``.
 
-    Raises ``ConfigError`` (bad weights, options the method rejects) before any heavy work.
+    Raises ``ConfigError`` (options a group rejects, bad weights) before any heavy work.
     """
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     device = resolve_device(str(cfg.device))
-    model: nn.Module = build(cfg.model)
-    check_weights(model)
-    data: DataBundle = build(cfg.data)
     method: Method = build(cfg.method, bits=cfg.bits, act_bits=cfg.act_bits, rate=float(cfg.rate))
     policy = LayerPolicy.from_config(cfg.policy)
     finetune = build(cfg.finetune) if cfg.get("finetune") else None
+    model: nn.Module = build(cfg.model)
+    check_weights(model)
+    data: DataBundle = build(cfg.data)
     cache = FactorCache(cfg.cache.dir, enabled=bool(cfg.cache.enabled))
     ctx = CompressContext(data=data, device=device, policy=policy, cache=cache, seed=int(cfg.seed),
                           progress=bool(cfg.get("progress", False)))

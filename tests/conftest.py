@@ -91,6 +91,15 @@ def run_main(args: list[str], cwd: Path, monkeypatch: pytest.MonkeyPatch,
     return status, out.out, out.err
 
 
+def expected_overrides(sweep: Path) -> list[list[str]] | None:
+    """The jobs the latest launch into ``sweep`` expects, predicted from its ``multirun.yaml``."""
+    from omegaconf import OmegaConf
+
+    from qaf.report.collect import expected_from_hydra
+
+    return expected_from_hydra(OmegaConf.to_container(OmegaConf.load(sweep / "multirun.yaml").hydra, resolve=False))
+
+
 def compose(*overrides: str):
     """The composed config of ``python run.py OVERRIDES`` (Hydra's compose API on conf/)."""
     from hydra import compose as hydra_compose

@@ -6,6 +6,7 @@ the missing browser into a failure so that CI cannot pass by skipping.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
@@ -17,6 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from qaf.methods.cp import CP
+from qaf.methods.fp32 import FP32
+from qaf.methods.ptq import PTQ
 from qaf.report import build_report
 from qaf.report.browser import (BrowserNotFound, find_chromium, render_dom, require_chromium,
                                 screenshot)
@@ -38,6 +42,10 @@ def chromium() -> str:
         pytest.skip(str(err))
 
 
+#: What the methods declare (labels, rate, reference), as the pipeline records it.
+INFO = {"fp32": FP32().info, "ptq": PTQ().info, "admm_epc": CP(init="epc", solver="admm").info}
+
+
 def write_job(job_dir: Path, method: str, bits: int, top1: float, bops_pct: float,
               rate: float | None = None, seed: int = 0) -> None:
     """A finished job as Hydra and the pipeline leave it: .hydra/ configs and metrics.json."""
@@ -50,7 +58,8 @@ def write_job(job_dir: Path, method: str, bits: int, top1: float, bops_pct: floa
                "bits": bits, "act_bits": 8, "rate": rate, "seed": seed, "top1": top1,
                "top5": min(100.0, top1 + 8), "fp32_top1": FP32_TOP1, "bops_pct": bops_pct,
                "eval_samples": 10000, "top1_ci95": [top1 - 0.5, top1 + 0.5],
-               "config_hash": f"{method}{bits}{seed}", "config": config}
+               "config_hash": f"{method}{bits}{seed}", "config": config,
+               "method_info": dataclasses.asdict(INFO[method])}
     (job_dir / "metrics.json").write_text(json.dumps(metrics))
 
 

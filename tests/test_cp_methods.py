@@ -1,4 +1,4 @@
-"""The four CP methods (cpd, cpd_epc, admm, admm_epc) on real and toy models."""
+"""The CP family (one class, four named configs: cpd, cpd_epc, admm, admm_epc) on real and toy models."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from qaf.cache import FactorCache
 from qaf.config import ConfigError
 from qaf.decomp import CPConv2d, cp_to_tensor, relative_error, weight_to_tensor
 from qaf.methods.base import CompressContext
-from qaf.methods.cp import ADMM, ADMMEPC, CPD, CPDEPC
+from qaf.methods.cp import CP
 from qaf.models.cifar_resnet import build
 from qaf.quant.modules import QuantLayer
 from qaf.quant.policy import LayerPolicy
@@ -24,6 +24,13 @@ FAST = dict(als_iters=10, epc_iters=10, epc_min_iters=5, admm_outer=3)
 
 
 QAF_POLICY = LayerPolicy(name="qaf", shortcut="keep")
+#: The four named configs' two options (conf/method/<name>.yaml).
+NAMED = {"cpd": dict(init="als", solver="quantize"), "cpd_epc": dict(init="epc", solver="quantize"),
+         "admm": dict(init="svd", solver="admm"), "admm_epc": dict(init="epc", solver="admm")}
+
+
+def method(name: str, **kwargs) -> CP:
+    return CP(**{**NAMED[name], **kwargs})
 
 
 def _ctx(cache=None, seed=0, policy=QAF_POLICY):
@@ -40,10 +47,10 @@ def _toy() -> nn.Module:
     ).eval()
 
 
-@pytest.mark.parametrize("cls", [CPD, CPDEPC, ADMM, ADMMEPC])
-def test_compress_replaces_selected_convs_with_quantized_cp(cls):
+@pytest.mark.parametrize("name", NAMED)
+def test_compress_replaces_selected_convs_with_quantized_cp(name):
     model, ref = _toy(), _toy()
-    reports = cls(bits=4, act_bits=8, rate=1.5, **FAST).compress(model, _ctx())
+    reports = method(name, bits=4, act_bits=8, rate=1.5, **FAST).compress(model, _ctx())
     assert [r["name"] for r in reports] == ["2", "6"]  # not the first conv, not the 1x1 conv
     for r in reports:
         cp = model.get_submodule(r["name"])
@@ -58,7 +65,7 @@ def test_compress_replaces_selected_convs_with_quantized_cp(cls):
         assert relative_error(w, [a, b, c]) == pytest.approx(r["e_quant"], abs=1e-5)
         assert set(r) >= {"name", "shape", "rank", "bits", "method", "init", "iterations", "seconds",
                           "e_float", "e_quant"}
-        assert r["method"] == cls.name
+        assert r["method"] == name and r["init"] == NAMED[name]["init"]
     for name in ("0", "9"):  # first conv and classifier: kept at keep_bits by the policy
         assert model.get_submodule(name).layer.qaf_bits == (8, 8)
     assert model.get_submodule("4").layer.qaf_bits == (4, 8)  # a 1x1 body conv: quantized at `bits`
@@ -72,40 +79,53 @@ def test_compress_replaces_selected_convs_with_quantized_cp(cls):
 def test_policy_float_stem_and_last_conv_are_not_factorized():
     model = _toy()
     policy = LayerPolicy(name="lapq", stem="float", last_conv="float", classifier="float")
-    reports = CPD(bits=4, rate=1.5, **FAST).compress(model, _ctx(policy=policy))
+    reports = method("cpd", bits=4, rate=1.5, **FAST).compress(model, _ctx(policy=policy))
     assert [r["name"] for r in reports] == ["2"]
     assert isinstance(model.get_submodule("6"), nn.Conv2d) and isinstance(model.get_submodule("9"), nn.Linear)
 
 
-def test_the_four_methods_share_one_solver_config():
-    shared = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "cp_solver" / "default.yaml"))
-    for name, cls in (("cpd", CPD), ("cpd_epc", CPDEPC), ("admm", ADMM), ("admm_epc", ADMMEPC)):
+def test_the_four_names_are_one_base_config_and_two_options():
+    from hydra.utils import instantiate
+
+    from conftest import compose
+
+    for name, options in NAMED.items():
         cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "method" / f"{name}.yaml"))
-        assert cfg["method"] == {"_target_": f"qaf.methods.cp.{cls.__name__}"}  # nothing repeated
-        method = cls(bits=4, act_bits=8, rate=2.0, **shared)
-        method.check(build(20), _ctx())
+        assert cfg["defaults"] == [{"/cp_solver": "default"}, "_self_"] and cfg["method"] == options  # nothing repeated
+        composed = compose(f"method={name}")
+        assert composed.policy.name == "qaf"  # the family's reference policy, from the base
+        instance = instantiate(composed.method, bits=4, act_bits=8, rate=2.0)
+        assert isinstance(instance, CP) and instance.name == name
+        instance.check(build(20), _ctx())
+    labels = [method(name).info.display for name in NAMED]
+    assert labels == ["CPD→PTQ", "CPD-EPC→PTQ", "ADMM", "ADMM-EPC"]
+    assert all(method(name).info.uses_rate for name in NAMED)
+    assert method("admm", init="epc").name == "admm_epc"  # the name says what runs, whatever the config
 
 
 def test_rate_too_large_names_layer_and_largest_rate():
     model = build(20)
     with pytest.raises(ConfigError, match=r"layer1\.0\.conv1 .*largest valid rate for the selected layers is 56\.2"):
-        ADMMEPC(rate=60.0).check(model, _ctx())
+        method("admm_epc", rate=60.0).check(model, _ctx())
 
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [({"init": "zeros"}, "method.init"), ({"clip": "max"}, "method.clip"), ({"nosuch": 1}, "method.nosuch"),
+    [({"init": "zeros"}, r"^method.init='zeros' is invalid: accepted svd, random, als, epc$"),
+     ({"clip": "max"}, "method.clip"), ({"nosuch": 1}, r"^method.nosuch is not an option of method=admm: accepted "),
      ({"include": ["nothing*"]}, "selects no layer"), ({"admm_outer": 0}, "method.admm_outer"),
-     ({"als_tol": float("nan")}, "method.als_tol")],
+     ({"als_tol": float("nan")}, "method.als_tol"), ({"include": "layer3.*"}, "method.include.*list of strings"),
+     ({"solver": "quantize"}, r"method.init='svd' is invalid with method.solver=quantize: accepted als, epc"),
+     ({"solver": "ptq"}, "method.solver='ptq' is invalid: accepted quantize, admm")],
 )
 def test_bad_options_raise_config_error(kwargs, match):
     with pytest.raises(ConfigError, match=match):
-        ADMM(**kwargs).check(build(20), _ctx())
+        method("admm", **kwargs).check(build(20), _ctx())
 
 
 def test_include_exclude_patterns():
-    method = CPD(include=["layer3.*"], exclude=["*.conv2"])
-    names = [n for n, _ in method.select_layers(build(20), QAF_POLICY)]
+    cpd = method("cpd", include=["layer3.*"], exclude=["*.conv2"])
+    names = [n for n, _ in cpd.select_layers(build(20), QAF_POLICY)]
     assert names == ["layer3.0.conv1", "layer3.1.conv1", "layer3.2.conv1"]
 
 
@@ -116,12 +136,12 @@ def test_epc_start_is_cached_once_across_methods_and_bits(tmp_path, monkeypatch)
     cache = FactorCache(tmp_path)
     opts = dict(include=["layer1.2.conv1"], **FAST)
     results = {}
-    for cls in (CPDEPC, ADMMEPC):
+    for name in ("cpd_epc", "admm_epc"):
         for bits in (4, 6):
-            reports = cls(bits=bits, rate=2.0, **opts).compress(build(20), _ctx(cache))
-            results[(cls.name, bits)] = [r["e_quant"] for r in reports]
+            reports = method(name, bits=bits, rate=2.0, **opts).compress(build(20), _ctx(cache))
+            results[(name, bits)] = [r["e_quant"] for r in reports]
     assert len(calls) == 1  # the layer's EPC start is computed once for the 4 runs
-    again = ADMMEPC(bits=4, rate=2.0, **opts).compress(build(20), _ctx(cache))
+    again = method("admm_epc", bits=4, rate=2.0, **opts).compress(build(20), _ctx(cache))
     assert [r["e_quant"] for r in again] == results[("admm_epc", 4)] and all(r["cached"] for r in again)
     for e_admm, e_cpd in zip(results[("admm_epc", 4)], results[("cpd_epc", 4)]):
         assert e_admm <= e_cpd  # ADMM keeps its best iterate, the quantized start included
@@ -132,7 +152,8 @@ def test_same_seed_same_model_output():
 
     def run(seed):
         model = build(20)
-        ADMM(bits=4, rate=2.0, init="random", include=["layer1.0.conv1"], **FAST).compress(model, _ctx(seed=seed))
+        method("admm", bits=4, rate=2.0, init="random", include=["layer1.0.conv1"], **FAST).compress(
+            model, _ctx(seed=seed))
         return model(x)
 
     assert torch.equal(run(1), run(1))
@@ -141,7 +162,7 @@ def test_same_seed_same_model_output():
 
 def test_cp_layer_output_matches_reconstructed_weight_in_model():
     model = build(20)
-    CPDEPC(bits=8, include=["layer1.0.conv1"], **FAST).compress(model, _ctx())
+    method("cpd_epc", bits=8, include=["layer1.0.conv1"], **FAST).compress(model, _ctx())
     cp = model.layer1[0].conv1
     a = cp.pointwise_out.layer.weight[:, :, 0, 0]
     b = cp.pointwise_in.layer.weight[:, :, 0, 0].T

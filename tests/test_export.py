@@ -263,7 +263,7 @@ def test_artifact_stores_codes_at_their_bit_width(exported):
         assert handle.get_tensor("layer1.0.bn1.running_var").dtype == torch.float32
     kinds = {rec["kind"] for rec in meta["manifest"]["modules"]}
     assert {"cp_conv2d", "quant_layer"} <= kinds
-    assert meta["config"]["method"]["_target_"].endswith("CPDEPC")
+    assert meta["config"]["method"]["_target_"] == "qaf.methods.cp.CP"
 
 
 def test_qswd_artifact_holds_sparse_codes_and_indices(exported):

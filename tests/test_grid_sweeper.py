@@ -19,7 +19,9 @@ import pytest
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
-from qaf.report.collect import NOT_STARTED, OK, collect_sweep, expected_overrides
+from qaf.report.collect import NOT_STARTED, OK, collect_sweep
+
+from conftest import expected_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `pytest` without `python -m`: the repo's hydra_plugins/

@@ -8,6 +8,8 @@ expected table cells are computed from the same arrays with :mod:`qaf.metrics.st
 from __future__ import annotations
 
 import csv
+import dataclasses
+import functools
 import json
 import os
 import re
@@ -25,10 +27,13 @@ from qaf.metrics.stats import paired_comparison, wilson_interval
 from qaf.report import build_report
 from qaf.report.__main__ import main
 from qaf.report.collect import (FAILED, INCOMPLETE, INVALID, KILLED, NOT_STARTED, OK, RUNNING, Launch,
-                                collect_sweep, expected_overrides, latest_sweeps, record_launch)
+                                collect_sweep, latest_sweeps, record_launch)
 from qaf.report.compare import NotComparable, compare_runs
 from qaf.report.pareto import matched_cost, pareto_front, render_frontier_markdown
-from qaf.report.tables import Row, aggregate, read_paper_csv, render_latex
+from qaf.report.tables import FLOAT, Row, aggregate, read_paper_csv, render_latex
+from qaf.results import MethodInfo
+
+from conftest import compose, expected_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 N = 400
@@ -58,6 +63,14 @@ def correct(accuracy: float, n: int = N, seed: int = 0, base: np.ndarray | None 
 FP32 = correct(0.92)
 
 
+@functools.cache
+def info_of(method: str) -> MethodInfo:
+    """What ``conf/method/<method>.yaml``'s method declares (its config instantiated)."""
+    from hydra.utils import instantiate
+
+    return instantiate(compose(f"method={method}").method, bits=4, act_bits=8, rate=2.0).info
+
+
 def metrics_of(c1: np.ndarray, method: str, bits: int = 4, act_bits: int = 8, rate: float = 2.0, seed: int = 0,
                bops_pct: float = 5.0, bops_pct_paper: float | None = None, size_bytes: int = 150_000,
                policy: str = "uniform", bn: bool | None = None, model: str = MODEL, data: str = DATA,
@@ -67,11 +80,11 @@ def metrics_of(c1: np.ndarray, method: str, bits: int = 4, act_bits: int = 8, ra
     fp32 = fp32[:n]
     bn = method != "fp32" if bn is None else bn  # the protocol's default: the float model as it is
     return {
-        "method": method, "model": model, "data": data, "bits": bits, "act_bits": act_bits, "rate": rate,
+        "schema_version": 2, "method": method, "method_info": dataclasses.asdict(info_of(method)), "model": model, "data": data, "bits": bits, "act_bits": act_bits, "rate": rate,
         "seed": seed, "policy": policy, "top1": 100.0 * c1.mean(), "top5": min(100.0, 100.0 * c1.mean() + 5),
         "eval_samples": n, "top1_ci95": list(wilson_interval(int(c1.sum()), n)),
         "fp32_top1": 100.0 * fp32.mean(), "vs_fp32": paired_comparison(c1, fp32).as_dict(),
-        "macs": 41_000_000, "fp32_macs": 41_000_000, "bops": 1.0e9, "bops_pct": bops_pct,
+        "macs": 41_000_000, "fp32_macs": 41_000_000, "bops": 10**9, "bops_pct": bops_pct,
         "bops_pct_paper": bops_pct if bops_pct_paper is None else bops_pct_paper, "params": 270_000,
         "size_bytes": size_bytes, "fp32_size_bytes": 1_080_000, "compression_ratio": 1_080_000 / size_bytes,
         "protocol": {"bn_recalibration": bn, "calib_samples": 64, "calib_split": "train", "bn_transform": "train",
@@ -293,7 +306,7 @@ def test_seeds_give_mean_std_and_count(tmp_path: Path) -> None:
     assert len(admm) == 1 and admm[0].seeds == 3 and admm[0].rate == 2.5
     assert admm[0].top1 == pytest.approx(np.mean(tops)) and admm[0].top1_std == pytest.approx(np.std(tops, ddof=1))
     # No fp32 job ran: the float row comes from fp32_top1, its interval from the image count.
-    assert rows[0].method == "fp32" and rows[0].top1_ci == pytest.approx(wilson_interval(int(FP32.sum()), N))
+    assert rows[0].is_float and rows[0].label == "Float" and rows[0].top1_ci == pytest.approx(wilson_interval(int(FP32.sum()), N))
     cell = md_rows(build_report([root], root).markdown)["ADMM-EPC"]["Top-1"]
     assert cell == f"{np.mean(tops):.2f} ± {np.std(tops, ddof=1):.2f} (3 seeds)"
 
@@ -329,6 +342,42 @@ def test_constant_protocol_is_a_note_and_varying_protocol_a_column(tmp_path: Pat
     assert table["Float"]["Policy"] == "–"
 
 
+def test_a_method_the_report_never_heard_of_is_shown_as_it_declares(tmp_path: Path) -> None:
+    # A new family (a truncated SVD, say) declares its label and that the rate applies: its rows
+    # show the rate and are compared with rows at that rate only, not with PTQ at the same bits.
+    root = tmp_path / "s"
+    svd = {**dataclasses.asdict(MethodInfo(display="SVD", uses_rate=True)), "order": 5}
+    for rate, c1 in ((2.0, correct(0.86, seed=1)), (3.0, correct(0.80, seed=2))):
+        metrics = {**metrics_of(c1, "ptq", rate=rate), "method": "svd", "method_info": svd}
+        make_job(root / f"svd{rate:g}", ["method=svd", f"rate={rate:g}"], metrics, predictions=c1)
+    run_job(root / "ptq", "ptq", correct(0.9, seed=3))
+    rows = aggregate(collect_sweep(root))
+    assert [(r.label, r.rate) for r in rows] == [("Float", None), ("SVD", 2.0), ("SVD", 3.0), ("PTQ", None)]
+    assert not any(r.mark for r in rows)  # three settings of one row each: nothing to bold
+    table = md_rows(build_report([root], root).markdown)
+    assert table["PTQ"]["rate"] == "–" and "SVD" in table
+
+
+def test_metrics_written_before_method_info_are_reported(tmp_path: Path) -> None:
+    # Version-1 files record no method_info: the name is shown as it is, the rate where the layers
+    # report ranks, and the run that compressed nothing (the float model's size) is the float row.
+    root = tmp_path / "s"
+    old = {"schema_version", "method_info"}
+    for name, c1, extra in (("fp32", FP32, {"size_bytes": 1_080_000}),
+                            ("cpd", correct(0.7, seed=1), {"layers": [{"name": "l", "rank": 3}]}),
+                            ("ptq", correct(0.9, seed=2), {"layers": [{"name": "l", "w_bits": 4}]})):
+        metrics = {k: v for k, v in metrics_of(c1, name).items() if k not in old}
+        make_job(root / name, [f"method={name}"], {**metrics, **extra}, predictions=c1)
+    jobs = collect_sweep(root)
+    assert all(j.status == OK and j.metrics.schema_version == 1 for j in jobs)
+    rows = aggregate(jobs)
+    assert [(r.label, r.w_bits, r.rate, r.is_float) for r in rows] == [
+        ("fp32", 32, None, True), ("cpd", 4, 2.0, False), ("ptq", 4, None, False)]
+    # A new file of the same setting beside them: the row takes what the method declares.
+    run_job(root / "cpd_new", "cpd", correct(0.7, seed=1))
+    assert [r.label for r in aggregate(collect_sweep(root))] == ["fp32", "CPD→PTQ", "ptq"]
+
+
 def test_size_ratio_and_image_count(tmp_path: Path) -> None:
     root = tmp_path / "s"
     run_job(root / "ptq", "ptq", correct(0.9), ["method=ptq"], size_bytes=146_000)
@@ -346,9 +395,11 @@ def test_row_label_keeps_an_option_value_ending_in_a_bracket() -> None:
 
 
 def test_latex_has_float_row_then_rule_and_bold_best() -> None:
-    rows = [Row("m", "d", "fp32", 32, 32, None, top1=91.7, bops_pct=100.0),
-            Row("m", "d", "cpd_epc", 4, 8, 2.0, top1=60.1, top1_std=0.5, bops_pct=2.07, seeds=2, mark="best"),
-            Row("m", "d", "admm", 4, 8, 2.0, top1=59.0, top1_ci=(58.0, 60.0), seeds=1, mark="tie")]
+    rows = [Row("m", "d", "fp32", 32, 32, None, top1=91.7, bops_pct=100.0, info=FLOAT),
+            Row("m", "d", "cpd_epc", 4, 8, 2.0, top1=60.1, top1_std=0.5, bops_pct=2.07, seeds=2, mark="best",
+                info=info_of("cpd_epc")),
+            Row("m", "d", "admm", 4, 8, 2.0, top1=59.0, top1_ci=(58.0, 60.0), seeds=1, mark="tie",
+                info=info_of("admm"))]
     tex = render_latex(rows, "a_b")
     lines = tex.splitlines()
     float_line = next(i for i, line in enumerate(lines) if line.startswith("Float"))
@@ -423,8 +474,8 @@ def test_bops_convention_flag_and_paper_default(tmp_path: Path) -> None:
     conf = tmp_path / "conf"
     (conf / "experiment").mkdir(parents=True)
     (conf / "experiment" / "toy.paper.csv").write_text(
-        "# toy numbers\nmethod,w_bits,a_bits,rate,bops_pct,top1,source\n"
-        "fp32,32,32,,100,69.76,Paper T1\nptq,4,8,,3.12,60.0,Paper T1\nadaround,4,8,,3.12,68.71,BRECQ T2\n")
+        "# toy numbers\nmethod,w_bits,a_bits,rate,bops_pct,top1,source,label\n"
+        "fp32,32,32,,100,69.76,Paper T1,\nptq,4,8,,3.12,60.0,Paper T1,\nadaround,4,8,,3.12,68.71,BRECQ T2,AdaRound\n")
     root = tmp_path / "s"
     c1 = correct(0.9)
     make_job(root / "0", ["method=ptq", "experiment=toy"], metrics_of(c1, "ptq", bops_pct=3.19, bops_pct_paper=3.125),
@@ -434,8 +485,9 @@ def test_bops_convention_flag_and_paper_default(tmp_path: Path) -> None:
     assert "chosen to match the paper numbers of toy.paper.csv" in report.markdown
     table = md_rows(report.markdown)
     assert table["PTQ"]["%BOPs"] == "3.12" and table["PTQ"]["Top-1 (paper)"] == "60.00"
-    # A method we do not run is a paper-only row with its display name and source.
+    # A method we do not run is a paper-only row with the CSV's label and source.
     assert table["AdaRound"]["Top-1"] == "–" and table["AdaRound"]["Source"] == "BRECQ T2"
+    assert table["Float"]["Top-1 (paper)"] == "69.76"  # the 32/32 row without rate is the float model's
     assert "toy.paper.csv" in (root / "table.tex").read_text().split("\\caption")[1].splitlines()[0]
     qaf = build_report([root], root, bops="qaf")
     assert qaf.bops == "qaf" and md_rows(qaf.markdown)["PTQ"]["%BOPs"] == "3.19"
@@ -445,10 +497,11 @@ def test_shipped_paper_csvs_parse_and_hold_their_own_rows() -> None:
     source = "Results.ipynb (MSE weights; 8-bit histogram activations)"
     paper = read_paper_csv(REPO / "experiments" / "paper_resnet18_imagenet.paper.csv")
     assert paper[("fp32", 32, 32, None)]["top1"] == pytest.approx(69.76)
-    assert paper[("admm_epc", 4, 8, 1.2)] == {"top1": 69.11, "bops_pct": 3.13, "source": source}
-    assert paper[("cpd_epc", 8, 8, 4.0)] == {"top1": 60.82, "bops_pct": 2.07, "source": source}
+    assert paper[("admm_epc", 4, 8, 1.2)] == {"top1": 69.11, "bops_pct": 3.13, "source": source, "label": None}
+    assert paper[("cpd_epc", 8, 8, 4.0)] == {"top1": 60.82, "bops_pct": 2.07, "source": source, "label": None}
     baselines = read_paper_csv(REPO / "experiments" / "paper_resnet18_imagenet_baselines.paper.csv")
     assert baselines[("adaround", 4, 8, None)]["top1"] == pytest.approx(68.70)
+    assert baselines[("adaround", 4, 8, None)]["label"] == "AdaRound"
     assert baselines[("adaround", 4, 8, None)]["bops_pct"] == pytest.approx(100 * 4 * 8 / 1024, abs=0.01)
     assert not set(baselines) & (set(paper) - {("fp32", 32, 32, None)})  # not a copy of the other table
 

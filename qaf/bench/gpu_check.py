@@ -36,12 +36,13 @@ import torch
 from torch import Tensor
 
 from qaf.bench import ROOT, SHARED_DATA
+from qaf.cache import FactorCache
 from qaf.decomp.admm import cp_admm
 from qaf.decomp.cp import cp_als, cp_rank, cp_to_tensor, init_factors, weight_to_tensor
 from qaf.decomp.epc import cp_epc
 from qaf.decomp.qswd import sparse_product, weight_to_matrix
 from qaf.methods.base import CompressContext, Method
-from qaf.methods.cp import CPMethod
+from qaf.methods.cp import CP
 from qaf.models.cifar_resnet import build as cifar_resnet
 
 LAYERS = ("layer1.0.conv1", "layer3.2.conv2")
@@ -72,7 +73,7 @@ def configured(method: str) -> Method:
     return build(cfg.method, bits=cfg.bits, act_bits=cfg.act_bits, rate=float(cfg.rate))
 
 
-def cp_stage(method: CPMethod, stage: str, tensor: Tensor, start: list[Tensor]) -> list[Tensor]:
+def cp_stage(method: CP, stage: str, tensor: Tensor, start: list[Tensor]) -> list[Tensor]:
     """One CP stage of ``method``'s solver chain (its budgets) from ``start``, on ``tensor``'s device."""
     start = [f.to(tensor.device) for f in start]
     rank = start[0].shape[1]
@@ -127,8 +128,10 @@ def layer_solutions(conv: torch.nn.Conv2d, methods: dict, device: torch.device,
             out[f"{stage}_factors"] = factors
         start = factors if reference is None else reference[f"{stage}_factors"]
     ctx = CompressContext(data=None, device=device, seed=SEED, progress=False)  # type: ignore[arg-type]
-    (result, _), seconds["qswd"] = timed_on(device, lambda: methods["qswd"].decompose("layer", conv, ctx))
-    out["qswd"] = sparse_product(result.index, result.values, result.dictionary).detach().cpu().double()
+    (module, _, _), seconds["qswd"] = timed_on(
+        device, lambda: methods["qswd"].decompose("layer", conv, ctx, FactorCache("", enabled=False)))
+    layer = module.module  # the QSWD layer behind its input quantizer
+    out["qswd"] = sparse_product(layer.index, layer.values, layer.dictionary).detach().cpu().double()
     return out, seconds
 
 

@@ -6,7 +6,7 @@ ratio; the FLOP bound of one ALS sweep (3 MTTKRPs, 3 Gram updates, 3 Cholesky fa
 triangular solves) at the float32 matmul rate measured in the same run; seconds per AO-ADMM outer
 iteration (default inner budget); with ``--resnet18-solver`` (default with CUDA) the whole ResNet-18
 ``admm_epc`` (random-init torchvision weights, rate 2, 4 bits, the budgets of
-``conf/cp_solver/default.yaml``, no cache).
+``conf/method/admm_epc.yaml``, no cache).
 """
 
 from __future__ import annotations
@@ -47,19 +47,16 @@ def als_flops() -> float:
 def resnet18_admm_epc(device: torch.device) -> tuple[float, list[dict]]:
     """Seconds for ``admm_epc`` on a random-init ResNet-18 with the config's default budgets."""
     import torchvision
-    from omegaconf import OmegaConf
+    from hydra.utils import instantiate
 
     from qaf.export.rerun import compose
     from qaf.methods.base import CompressContext
-    from qaf.methods.cp import ADMMEPC
     from qaf.quant.policy import LayerPolicy
 
     cfg = compose("method=admm_epc", "model=resnet18")
-    opts = OmegaConf.to_container(cfg.method, resolve=True)
-    opts.pop("_target_")
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None).eval()
-    method = ADMMEPC(bits=4, act_bits=8, rate=2.0, **opts)
+    method = instantiate(cfg.method, bits=4, act_bits=8, rate=2.0)
     ctx = CompressContext(data=None, device=device, policy=LayerPolicy.from_config(cfg.policy), cache=None, seed=0,
                           progress=True)
     start = time.perf_counter()

@@ -1,12 +1,15 @@
-"""Quantization Aware Factorization: ``method=cpd | cpd_epc | admm | admm_epc``.
+"""Quantization Aware Factorization: one method class :class:`CP`, four named configs.
 
 Each selected conv (a kernel larger than 1x1, groups 1, put at ``bits`` by the layer policy) is
-replaced by a :class:`qaf.decomp.CPConv2d` whose three factors lie on ``bits``-bit grids:
+replaced by a :class:`qaf.decomp.CPConv2d` whose three factors lie on ``bits``-bit grids. Two
+options choose how (``conf/cp_solver/default.yaml`` holds the rest; ``conf/method/<name>.yaml``
+sets these two):
 
-- ``cpd``: float CP by ALS, then each factor quantized;
-- ``cpd_epc``: ALS, error-preserving correction (EPC), then each factor quantized;
-- ``admm``: quantized CP by AO-ADMM from an ``svd``, ``random`` or ``als`` start;
-- ``admm_epc``: quantized CP by AO-ADMM from the CP-EPC solution.
+- ``method=cpd`` (``init=als, solver=quantize``): float CP by ALS, then each factor quantized;
+- ``method=cpd_epc`` (``init=epc, solver=quantize``): ALS, error-preserving correction (EPC), then
+  each factor quantized;
+- ``method=admm`` (``init=svd | random | als, solver=admm``): quantized CP by AO-ADMM from that start;
+- ``method=admm_epc`` (``init=epc, solver=admm``): quantized CP by AO-ADMM from the CP-EPC solution.
 
 Every other conv/linear layer is quantized as the policy says; inputs of the factorized layers'
 three sub-convs are quantized at ``act_bits`` (fitted by the pipeline's observers). Float starts
@@ -16,34 +19,54 @@ three sub-convs are quantized at ``act_bits`` (fitted by the pipeline's observer
 
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from qaf.cache import FactorCache, tensor_digest
-from qaf.config import ConfigError, check_bool, check_choice, check_int, check_number
+from qaf.config import ConfigError, option
 from qaf.decomp import admm as admm_module
 from qaf.decomp import cp as cp_module
 from qaf.decomp import epc as epc_module
 from qaf.decomp.cp import cp_als, cp_rank, init_factors, max_rate, relative_error, weight_to_tensor
 from qaf.decomp.epc import cp_epc
 from qaf.decomp.layers import CPConv2d
-from qaf.methods.base import CompressContext, Method, decomposable_convs
-from qaf.quant.clip import CLIP_RULES
-from qaf.quant.modules import quantize_model, set_submodule
-from qaf.quant.policy import LayerPolicy, layer_plan
+from qaf.methods.base import CompressContext, DecompositionMethod, DecompositionOptions
 from qaf.quant.uniform import VERSION as QUANT_VERSION
 from qaf.quant.uniform import Grid, make_grid
+from qaf.results import MethodInfo
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
-_SUBCONVS = ("pointwise_in", "depthwise", "pointwise_out")
-INITS = ("svd", "random", "als")
+INITS = ("svd", "random", "als", "epc")
+SOLVERS = ("quantize", "admm")
 
 
-class CPMethod(Method):
-    """Shared machinery of the four CP methods (subclasses fix ``solver``, ``epc_start``).
+@dataclass
+class CPOptions(DecompositionOptions):
+    """Options of the CP family (``conf/cp_solver/default.yaml``); see :class:`CP`."""
+
+    init: str = option("svd", choices=INITS)
+    solver: str = option("admm", choices=SOLVERS)
+    symmetric: bool = option(True)
+    p: float = option(2.0, low=0, low_open=True)
+    dtype: str = option("float32", choices=tuple(_DTYPES))
+    als_iters: int = option(50, low=1, high=10**7)
+    als_tol: float = option(1e-7, low=0)
+    epc_iters: int = option(1000, low=1, high=10**7)
+    epc_min_iters: int = option(50, low=1, high=10**7)
+    epc_work: float = option(2.4e9, low=0)
+    epc_tol: float = option(1e-6, low=0)
+    admm_outer: int = option(100, low=1, high=10**7)
+    admm_inner: int = option(10, low=1, high=10**7)
+    admm_tol_inner: float = option(1e-4, low=0)
+    admm_tol_outer: float = option(1e-4, low=0)
+    admm_patience: int = option(5, low=1, high=10**7)
+
+
+class CP(DecompositionMethod):
+    """Quantized CP factorization of the selected convs: one class, four named configs.
 
     Parameters
     ----------
@@ -51,6 +74,10 @@ class CPMethod(Method):
         Factor bit width, input-activation bit width and parameter reduction rate per layer.
     include, exclude : list of str
         fnmatch patterns on module names, applied to the convs the policy puts at ``bits``.
+    init : {"svd", "random", "als", "epc"}
+        The float start: SVD or random factors, ALS (from SVD), or ALS then EPC.
+    solver : {"quantize", "admm"}
+        Quantize the start's factors (``als`` or ``epc`` start), or AO-ADMM from the start.
     symmetric : bool
         Factor grids symmetric (zero point 0) or affine; both have ``2^b`` levels.
     clip : {"minmax", "mse", "lp", "aciq"}
@@ -59,8 +86,6 @@ class CPMethod(Method):
         Exponent of the ``lp`` clip rule.
     act_clip : {"minmax", "mse", "lp", "aciq"}
         Clip rule of the activation quantizers.
-    init : {"svd", "random", "als"}
-        Start of ``admm`` (the other methods ignore it: ALS starts from ``svd``).
     dtype : {"float32", "float64"}
         Dtype of the solvers' GEMMs (R x R algebra is always float64).
     als_iters, als_tol
@@ -71,58 +96,42 @@ class CPMethod(Method):
         change of ``||lambda||`` below ``epc_tol``.
     admm_outer, admm_inner, admm_tol_inner, admm_tol_outer, admm_patience
         AO-ADMM budgets (see :func:`qaf.decomp.admm.cp_admm`).
+
+    Attributes
+    ----------
+    name : str
+        ``cpd`` (ALS, quantize), ``cpd_epc`` (EPC, quantize), ``admm`` (AO-ADMM from an SVD,
+        random or ALS start), ``admm_epc`` (AO-ADMM from EPC).
     """
 
-    name = "cp"
-    solver = "cpd"
-    epc_start = False
+    Options = CPOptions
+    log_fields = ("rank", "e_quant")
 
-    def __init__(self, bits: int = 4, act_bits: int = 8, rate: float = 2.0, *,
-                 include: list[str] | None = None, exclude: list[str] | None = None,
-                 symmetric: bool = True, clip: str = "mse", p: float = 2.0, act_clip: str = "mse",
-                 init: str = "svd", dtype: str = "float32",
-                 als_iters: int = 50, als_tol: float = 1e-7,
-                 epc_iters: int = 1000, epc_min_iters: int = 50, epc_work: float = 2.4e9, epc_tol: float = 1e-6,
-                 admm_outer: int = 100, admm_inner: int = 10, admm_tol_inner: float = 1e-4,
-                 admm_tol_outer: float = 1e-4, admm_patience: int = 5, **options: Any):
+    def __init__(self, bits: int = 4, act_bits: int = 8, rate: float = 2.0, **options: Any):
         super().__init__(bits=bits, act_bits=act_bits, rate=rate, **options)
-        self.include = list(include) if include is not None else ["*"]
-        self.exclude = list(exclude) if exclude is not None else []
-        self.clip, self.p, self.act_clip, self.symmetric = clip, p, act_clip, symmetric
-        self.init, self.dtype = init, dtype
-        self.als = {"iters": als_iters, "tol": als_tol}
-        self.epc = {"iters": epc_iters, "min_iters": epc_min_iters, "work": epc_work, "tol": epc_tol}
-        self.admm = {"outer": admm_outer, "inner": admm_inner, "tol_inner": admm_tol_inner,
-                     "tol_outer": admm_tol_outer, "patience": admm_patience}
+        if self.solver == "quantize" and self.init not in ("als", "epc"):
+            raise ConfigError(f"method.init={self.init!r} is invalid with method.solver=quantize: accepted als, epc "
+                              "(the factors of a CP decomposition)")
+        self.als = {"iters": self.als_iters, "tol": self.als_tol}
+        self.epc = {"iters": self.epc_iters, "min_iters": self.epc_min_iters, "work": self.epc_work,
+                    "tol": self.epc_tol}
+        self.admm = {"outer": self.admm_outer, "inner": self.admm_inner, "tol_inner": self.admm_tol_inner,
+                     "tol_outer": self.admm_tol_outer, "patience": self.admm_patience}
 
-    # ----------------------------------------------------------------------------- checks
-    def select_layers(self, model: nn.Module, policy: LayerPolicy) -> list[tuple[str, nn.Conv2d]]:
-        """The convs this method factorizes, in module order."""
-        return decomposable_convs(model, policy, self.include, self.exclude)
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        """``cpd``, ``cpd_epc``, ``admm`` or ``admm_epc``: what the options make it."""
+        return ("cpd" if self.solver == "quantize" else "admm") + ("_epc" if self.init == "epc" else "")
 
-    def check(self, model: nn.Module, ctx: CompressContext) -> None:
-        """Validate options and ranks; raise one ``ConfigError`` naming the key."""
-        for key in ("clip", "act_clip"):
-            check_choice(f"method.{key}", getattr(self, key), CLIP_RULES)
-        check_choice("method.init", self.init, INITS)
-        check_choice("method.dtype", self.dtype, tuple(_DTYPES))
-        check_bool("method.symmetric", self.symmetric)
-        check_number("method.p", self.p, 0, low_open=True)
-        for key, value in (("als_iters", self.als["iters"]), ("epc_iters", self.epc["iters"]),
-                           ("epc_min_iters", self.epc["min_iters"]), ("admm_outer", self.admm["outer"]),
-                           ("admm_inner", self.admm["inner"]), ("admm_patience", self.admm["patience"])):
-            check_int(f"method.{key}", value, 1, 10**7)
-        for key, value in (("als_tol", self.als["tol"]), ("epc_tol", self.epc["tol"]), ("epc_work", self.epc["work"]),
-                           ("admm_tol_inner", self.admm["tol_inner"]), ("admm_tol_outer", self.admm["tol_outer"])):
-            check_number(f"method.{key}", value, 0)
-        policy = ctx.policy
-        layers = self.select_layers(model, policy)
-        if not layers:
-            raise ConfigError(
-                f"method={self.name} selects no layer: method.include={self.include} / "
-                f"method.exclude={self.exclude} with policy={policy.name} match no conv with a kernel larger "
-                "than 1x1 that the policy puts at `bits`"
-            )
+    @property
+    def info(self) -> MethodInfo:  # type: ignore[override]
+        """``CPD→PTQ``, ``CPD-EPC→PTQ``, ``ADMM``, ``ADMM-EPC``; the rate applies."""
+        epc, admm = self.init == "epc", self.solver == "admm"
+        display = ("ADMM" if admm else "CPD") + ("-EPC" if epc else "") + ("" if admm else "→PTQ")
+        return MethodInfo(display=display, uses_rate=True, order=40 + 20 * admm + 10 * epc)
+
+    def check_layers(self, layers: list[tuple[str, nn.Conv2d]]) -> None:
+        """Every selected conv gets a rank >= 1 at ``rate``; raise one ``ConfigError`` naming the layer."""
         limit = min(max_rate(weight_to_tensor(conv.weight).shape) for _, conv in layers)
         for name, conv in layers:
             if cp_rank(weight_to_tensor(conv.weight).shape, self.rate) < 1:
@@ -131,46 +140,28 @@ class CPMethod(Method):
                     f"rank < 1; the largest valid rate for the selected layers is {limit:.4g}"
                 )
 
-    # --------------------------------------------------------------------------- compress
-    def compress(self, model: nn.Module, ctx: CompressContext) -> list[dict]:
-        """Factorize the selected convs in place, then quantize every layer the policy asks for."""
-        model.to(ctx.device)
-        plan = dict(layer_plan(model, ctx.policy, self.bits, self.act_bits))
-        layers = self.select_layers(model, ctx.policy)
-        reports, grids = [], {}
-        for idx, (name, conv) in enumerate(layers):
-            start = time.perf_counter()
-            factors, factor_grids, report = self.factorize(name, conv, ctx)
-            report["seconds"] = round(time.perf_counter() - start, 3)
-            set_submodule(model, name, CPConv2d(conv, factors))
-            del plan[name]
-            for sub, grid in zip(_SUBCONVS, _subconv_grids(factor_grids)):
-                plan[f"{name}.{sub}"] = (self.bits, self.act_bits)
-                grids[f"{name}.{sub}"] = grid
-            reports.append(report)
-            ctx.log("[%d/%d] %s rank %d: %.1f s, e_quant %.4f%s", idx + 1, len(layers), name, report["rank"],
-                    report["seconds"], report["e_quant"], " (cached)" if report["cached"] else "")
-        quantize_model(model, plan, weight_scheme={"symmetric": True, "clip": self.clip, "p": self.p},
-                       act_scheme={"clip": self.act_clip, "p": self.p, "symmetric": False}, weight_grids=grids)
-        return reports
+    def schemes(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Per-tensor symmetric weights and affine activations with the method's clip rules and ``p``."""
+        return ({"symmetric": True, "clip": self.clip, "p": self.p},
+                {"clip": self.act_clip, "p": self.p, "symmetric": False})
 
     def grid_factory(self, x: Tensor) -> Grid:
         """Per-tensor grid of ``bits`` bits fitted to ``x`` with the method's clip rule."""
         return make_grid(x, self.bits, symmetric=self.symmetric, clip=self.clip, p=self.p)
 
-    def factorize(self, name: str, conv: nn.Conv2d, ctx: CompressContext) -> tuple[list[Tensor], list[Grid], dict]:
-        """Quantized CP factors of one conv, their grids, and its report dict."""
+    def decompose(self, name: str, conv: nn.Conv2d, ctx: CompressContext,
+                  cache: FactorCache) -> tuple[nn.Module, dict[str, Grid | None], dict]:
+        """The :class:`CPConv2d` of one conv with quantized factors, its sub-convs' grids, its report."""
         dt = _DTYPES[self.dtype]
         tensor = weight_to_tensor(conv.weight.detach()).to(ctx.device, dt)
         rank = cp_rank(tensor.shape, self.rate)
         base = {"weight": tensor_digest(conv.weight), "shape": list(tensor.shape), "rank": rank,
                 "dtype": self.dtype, "device": ctx.device.type, "seed": ctx.seed}
-        cache = ctx.cache if ctx.cache is not None else FactorCache("", enabled=False)
         hits: list[bool] = []
         start_key, start = self._start(tensor, rank, base, cache, ctx.seed, hits)
         e_float = relative_error(tensor, start)
         iterations = 0
-        if self.solver == "cpd":
+        if self.solver == "quantize":
             grids = [self.grid_factory(f) for f in start]
             factors = [g(f) for g, f in zip(grids, start)]
         else:
@@ -193,26 +184,23 @@ class CPMethod(Method):
             iterations = int(meta["iterations"])
         e_quant = relative_error(tensor, factors)
         report = {"name": name, "shape": list(conv.weight.shape), "rank": rank, "bits": self.bits,
-                  "method": self.name, "init": self._init_name(), "iterations": iterations,
+                  "method": self.name, "init": self.init, "iterations": iterations,
                   "e_float": round(e_float, 6), "e_quant": round(e_quant, 6), "cached": all(hits)}
         wdt = conv.weight.dtype
-        grids = [Grid(g.scale.to(wdt), g.zero_point.to(wdt), g.qmin, g.qmax) for g in grids]
-        return [f.to(wdt) for f in factors], grids, report
+        a, b, c = (Grid(g.scale.to(wdt), g.zero_point.to(wdt), g.qmin, g.qmax) for g in grids)
+        # pointwise_in holds factor B, depthwise C, pointwise_out A
+        sub_grids = {"pointwise_in": b, "depthwise": c, "pointwise_out": a}
+        return CPConv2d(conv, [f.to(wdt) for f in factors]), sub_grids, report
 
     def epc_sweeps(self, rank: int) -> int:
         """EPC sweeps of a rank-``rank`` layer: ``clamp(epc_work / R^3, epc_min_iters, epc_iters)``."""
         return int(min(self.epc["iters"], max(self.epc["min_iters"], self.epc["work"] / rank**3)))
 
-    def _init_name(self) -> str:
-        if self.solver == "cpd" or self.epc_start:
-            return "epc" if self.epc_start else "als"
-        return self.init
-
     def _start(self, tensor: Tensor, rank: int, base: dict, cache: FactorCache, seed: int,
                hits: list[bool]) -> tuple[dict, list[Tensor]]:
-        """Float starting factors (ALS, EPC or an ADMM init), cached; returns (key, factors)."""
+        """Float starting factors (an init, ALS or EPC), cached; returns (key, factors)."""
         dev, dt = tensor.device, tensor.dtype
-        kind = self._init_name()
+        kind = self.init
         if kind in ("svd", "random"):
             gen = torch.Generator().manual_seed(seed)
             return {**base, "stage": "init", "init": kind, "version": cp_module.VERSION}, \
@@ -242,36 +230,6 @@ class CPMethod(Method):
         return epc_key, _as_list(stored, dev, dt)
 
 
-class CPD(CPMethod):
-    """``method=cpd``: float CP by ALS, then each factor quantized."""
-
-    name, solver, epc_start = "cpd", "cpd", False
-
-
-class CPDEPC(CPMethod):
-    """``method=cpd_epc``: ALS, error-preserving correction, then each factor quantized."""
-
-    name, solver, epc_start = "cpd_epc", "cpd", True
-
-
-class ADMM(CPMethod):
-    """``method=admm``: quantized CP by AO-ADMM from an ``svd`` / ``random`` / ``als`` start."""
-
-    name, solver, epc_start = "admm", "admm", False
-
-
-class ADMMEPC(CPMethod):
-    """``method=admm_epc``: quantized CP by AO-ADMM started from the CP-EPC solution."""
-
-    name, solver, epc_start = "admm_epc", "admm", True
-
-
-def _subconv_grids(grids: list[Grid]) -> list[Grid]:
-    """Grids of the three sub-convs (pointwise_in holds B, depthwise C, pointwise_out A)."""
-    a, b, c = grids
-    return [b, c, a]
-
-
 def _as_dict(factors: list[Tensor]) -> dict[str, Tensor]:
     return {f"factor{n}": f for n, f in enumerate(factors)}
 
@@ -297,4 +255,4 @@ def _admm_schema(modes: int) -> dict[str, Any]:
     return {"tensors": names, "meta": ["iterations", "diverged", "inner_iterations", "qrange"]}
 
 
-__all__ = ["ADMM", "ADMMEPC", "CPD", "CPDEPC", "CPMethod"]
+__all__ = ["CP", "CPOptions"]

@@ -38,15 +38,32 @@ from scipy.optimize import minimize
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from qaf.config import ConfigError, check_bool, check_choice, check_int, check_number
+from qaf.config import ConfigError, option
 from qaf.methods.base import CompressContext, Method
 from qaf.models.torchvision_models import split_shared_relus
 from qaf.quant.modules import ActQuantizer, QuantLayer, QuantReLU, mark_batchnorm, set_input_bits, set_submodule
 from qaf.quant.policy import LayerPolicy, layer_plan, layer_roles
 from qaf.quant.uniform import make_grid, symmetric_grid, unsigned_grid
+from qaf.results import MethodInfo
 
 WEIGHT_GRIDS = ("zero_free", "symmetric")
 PLACEMENTS = ("relu", "input")
+
+
+@dataclass
+class LAPQOptions:
+    """Options of LAPQ (``conf/method/lapq.yaml``); see :class:`LAPQ`."""
+
+    placement: str = option("relu", choices=PLACEMENTS)
+    calib_samples: int = option(512, low=1)
+    p_min: float = option(2.0, low=0, low_open=True)
+    p_max: float = option(4.0, low="p_min", low_open=True)
+    p_count: int = option(10, low=3)
+    maxiter: int = option(2, low=0)
+    bias_correction: bool = option(True)
+    weight_grid: str = option("zero_free", choices=WEIGHT_GRIDS)
+    batch_size: int = option(256, low=1)
+    reuse_blocks: bool = option(True)
 
 
 @dataclass
@@ -88,29 +105,15 @@ class LAPQ(Method):
     """
 
     name = "lapq"
+    info = MethodInfo(display="LAPQ", order=20)
+    Options = LAPQOptions
 
-    def __init__(self, bits: int = 4, act_bits: int = 4, rate: float = 2.0, *, placement: str = "relu",
-                 calib_samples: int = 512, p_min: float = 2.0, p_max: float = 4.0, p_count: int = 10,
-                 maxiter: int = 2, bias_correction: bool = True, weight_grid: str = "zero_free",
-                 batch_size: int = 256, reuse_blocks: bool = True, **options):
+    def __init__(self, bits: int = 4, act_bits: int = 4, rate: float = 2.0, **options):
         super().__init__(bits=bits, act_bits=act_bits, rate=rate, **options)
-        self.placement = placement
-        self.calib_samples, self.maxiter, self.batch_size = calib_samples, maxiter, batch_size
-        self.p_min, self.p_max, self.p_count = p_min, p_max, p_count
-        self.bias_correction, self.weight_grid = bias_correction, weight_grid
-        self.reuse_blocks = reuse_blocks
 
     # ------------------------------------------------------------------ checks
     def check(self, model: nn.Module, ctx: CompressContext) -> None:
         """Validate options against the model, the policy and the calibration set."""
-        for key, low in (("calib_samples", 1), ("p_count", 3), ("maxiter", 0), ("batch_size", 1)):
-            check_int(f"method.{key}", getattr(self, key), low)
-        check_number("method.p_min", self.p_min, 0, low_open=True)
-        check_number("method.p_max", self.p_max, self.p_min, low_open=True)
-        check_choice("method.weight_grid", self.weight_grid, WEIGHT_GRIDS)
-        check_choice("method.placement", self.placement, PLACEMENTS)
-        for key in ("bias_correction", "reuse_blocks"):
-            check_bool(f"method.{key}", getattr(self, key))
         if not any(layer_plan(model, ctx.policy, self.bits, self.act_bits).values()):
             raise ConfigError(f"policy={ctx.policy.name} leaves no layer for method=lapq to quantize")
         if self.calib_samples > ctx.data.calib_samples:

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 
-from qaf.config import ConfigError, check_bool, check_choice, check_number
-from qaf.methods.base import CompressContext, Method
-from qaf.quant.clip import CLIP_RULES
+from qaf.config import ConfigError, option
+from qaf.methods.base import CompressContext, Method, clip_option
 from qaf.quant.modules import quantize_model
 from qaf.quant.policy import layer_plan
+from qaf.results import MethodInfo
+
+
+@dataclass
+class PTQOptions:
+    """Options of PTQ (``conf/method/ptq.yaml``); see :class:`PTQ`."""
+
+    clip: str = clip_option()
+    act_clip: str = clip_option()
+    per_channel: bool = option(False)
+    p: float = option(2.0, low=0, low_open=True)
 
 
 class PTQ(Method):
@@ -33,18 +45,11 @@ class PTQ(Method):
     """
 
     name = "ptq"
-
-    def __init__(self, bits: int = 4, act_bits: int = 8, rate: float = 2.0, *, clip: str = "mse",
-                 act_clip: str = "mse", per_channel: bool = False, p: float = 2.0, **options):
-        super().__init__(bits=bits, act_bits=act_bits, rate=rate, **options)
-        self.clip, self.act_clip, self.per_channel, self.p = clip, act_clip, per_channel, p
+    info = MethodInfo(display="PTQ", order=10)
+    Options = PTQOptions
 
     def check(self, model: nn.Module, ctx: CompressContext) -> None:
-        """Reject unknown clip rules, a bad ``p`` and models without conv/linear layers."""
-        check_choice("method.clip", self.clip, CLIP_RULES)
-        check_choice("method.act_clip", self.act_clip, CLIP_RULES)
-        check_bool("method.per_channel", self.per_channel)
-        check_number("method.p", self.p, 0, low_open=True)
+        """Reject models without conv/linear layers."""
         if not any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules()):
             raise ConfigError("method=ptq needs a model with Conv2d or Linear layers")
 

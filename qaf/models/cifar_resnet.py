@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qaf.config import ConfigError
+from qaf.config import ConfigError, check_choice
 from qaf.models.checkpoint import load_into, read_state_dict
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -134,10 +134,7 @@ def build(depth: int = 20, checkpoint: str | os.PathLike | None = None) -> Cifar
     ConfigError
         For an unsupported depth or a checkpoint that is missing, unreadable or does not fit.
     """
-    if isinstance(depth, bool) or depth not in PACKAGED:
-        raise ConfigError(
-            f"model.depth={depth} is invalid: accepted {', '.join(map(str, PACKAGED))}"
-        )
+    check_choice("model.depth", depth, tuple(PACKAGED))
     path = ASSETS / PACKAGED[depth] if checkpoint is None else checkpoint
     state = read_state_dict(path, key="model.checkpoint")
     model = CifarResNet(depth)

@@ -10,7 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
-from qaf.config import ConfigError
+from qaf.config import ConfigError, check_bool
 from qaf.models.checkpoint import first_line, load_into, read_state_dict
 
 
@@ -42,8 +42,7 @@ def build(arch: str = "resnet18", pretrained: bool = True,
     if arch not in known:
         raise ConfigError(f"model.arch={arch} is invalid: accepted torchvision classification "
                           f"models, e.g. {', '.join(a for a in known if a.startswith('resnet'))}")
-    if not isinstance(pretrained, bool):
-        raise ConfigError(f"model.pretrained={pretrained} is invalid: accepted true or false")
+    check_bool("model.pretrained", pretrained)
     if checkpoint is not None:
         state = read_state_dict(checkpoint, key="model.checkpoint")
         model = torchvision.models.get_model(arch, weights=None)

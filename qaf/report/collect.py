@@ -7,7 +7,7 @@ holds (:mod:`qaf.outputs`) gives its status:
 ========== ==========================================================================
 status     files
 ========== ==========================================================================
-ok         a ``metrics.json`` that passes :data:`qaf.outputs.METRICS_SCHEMA`
+ok         a ``metrics.json`` that :func:`qaf.results.from_json` accepts
 running    ``running.json`` of a process that still runs
 failed     ``failed.json`` (error type, message, stage)
 invalid    ``metrics.json`` present but not valid (``[]``, ``null``, truncated, fields missing)
@@ -35,6 +35,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from omegaconf import OmegaConf
 
 from qaf import outputs
+from qaf.results import Metrics
 
 OK = "ok"
 RUNNING = "running"
@@ -72,7 +73,7 @@ class Job:
         Hydra's config-group choices (``method``, ``model``, ``data``, ``experiment``, ...).
     config : dict
         The job's config (the result config from ``metrics.json`` when present).
-    metrics : dict | None
+    metrics : Metrics | None
         The validated ``metrics.json``; None unless status is ``ok``.
     error : str | None
         Why a job has no results: the error of ``failed.json``, the problem of an invalid
@@ -89,7 +90,7 @@ class Job:
     overrides: list[str] = field(default_factory=list)
     choices: dict[str, str] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] | None = None
+    metrics: Metrics | None = None
     error: str | None = None
     stage: str | None = None
     config_dirs: list[Path] = field(default_factory=list)
@@ -105,8 +106,8 @@ class Job:
     @property
     def method(self) -> str:
         """The method name, from metrics, else Hydra's group choice."""
-        if self.metrics and "method" in self.metrics:
-            return str(self.metrics["method"])
+        if self.metrics is not None:
+            return self.metrics.method
         return str(self.choices.get("method") or self._override("method") or "?")
 
     @property
@@ -117,8 +118,8 @@ class Job:
 
     def setting(self, key: str) -> Any:
         """A top-level setting (``bits``, ``act_bits``, ``rate``, ``seed``): metrics first."""
-        if self.metrics and key in self.metrics:
-            return self.metrics[key]
+        if getattr(self.metrics, key, None) is not None:
+            return getattr(self.metrics, key)
         if key in self.config:
             return self.config[key]
         return _number(self._override(key))
@@ -208,7 +209,7 @@ class State:
     """What a job folder's files say: status, validated metrics, and why there are none."""
 
     status: str
-    metrics: dict | None = None
+    metrics: Metrics | None = None
     error: str | None = None
     stage: str | None = None
 
@@ -303,9 +304,7 @@ def load_job(path: Path, sweep: Path) -> Job:
     config_dirs = [Path(src["path"]) for src in _as_list(runtime.get("config_sources"))
                    if isinstance(src, dict) and src.get("schema") == "file" and src.get("path")]
     state = job_state(path)
-    config = _load_yaml(hydra_dir / "config.yaml")
-    if state.metrics is not None and isinstance(state.metrics.get("config"), dict):
-        config = state.metrics["config"]
+    config = state.metrics.config if state.metrics is not None else _load_yaml(hydra_dir / "config.yaml")
     return Job(sweep=sweep, path=path, status=state.status, overrides=_load_list(hydra_dir / "overrides.yaml"),
                choices=choices, config=config, metrics=state.metrics, error=state.error, stage=state.stage,
                config_dirs=config_dirs)
@@ -399,23 +398,6 @@ def dirname_excludes(hydra_cfg: Mapping[str, Any]) -> list[str]:
     """``hydra.job.config.override_dirname.exclude_keys`` of a ``hydra`` node ([] if absent)."""
     node = _as_dict(_as_dict(_as_dict(hydra_cfg.get("job")).get("config")).get("override_dirname"))
     return [str(k) for k in _as_list(node.get("exclude_keys"))]
-
-
-def expected_overrides(sweep: Path) -> list[list[str]] | None:
-    """The jobs of the latest launch into ``sweep``, predicted from its ``multirun.yaml``.
-
-    Parameters
-    ----------
-    sweep : Path
-        The sweep directory.
-
-    Returns
-    -------
-    list[list[str]] | None
-        One override list per job (:func:`expected_from_hydra`), or None without a readable
-        ``multirun.yaml`` or when its jobs cannot be predicted.
-    """
-    return expected_from_hydra(_as_dict(_load_yaml(Path(sweep) / "multirun.yaml").get("hydra")))
 
 
 _GRID_SWEEPER = "hydra_plugins.qaf_grid_sweeper.grid_sweeper.GridSweeper"

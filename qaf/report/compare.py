@@ -18,6 +18,7 @@ import numpy as np
 from qaf import outputs
 from qaf.metrics.stats import PairedComparison, paired_comparison, wilson_interval
 from qaf.report.collect import OK, Job, load_job
+from qaf.results import Metrics
 
 #: ``config.data`` keys that choose the evaluation images (besides the data set's name).
 _EVAL_KEYS = ("_target_", "root", "eval_samples")
@@ -67,11 +68,11 @@ def _load_correct(path: str, _mtime_ns: int, _size: int) -> np.ndarray:
     return correct
 
 
-def _eval_identity(metrics: dict) -> tuple[Any, ...]:
+def _eval_identity(metrics: Metrics) -> tuple[Any, ...]:
     """What decides the evaluation images of a run: data set, its eval keys, eval_samples."""
-    data_cfg = (metrics.get("config") or {}).get("data")
+    data_cfg = metrics.config.get("data")
     data_cfg = data_cfg if isinstance(data_cfg, dict) else {}
-    return (metrics.get("data"), metrics.get("eval_samples"), *(str(data_cfg.get(k)) for k in _EVAL_KEYS))
+    return (metrics.data, metrics.eval_samples, *(str(data_cfg.get(k)) for k in _EVAL_KEYS))
 
 
 def compare_jobs(a: Job, b: Job) -> PairedComparison:
@@ -106,11 +107,10 @@ def compare_jobs(a: Job, b: Job) -> PairedComparison:
     return paired_comparison(correct_a, correct_b)
 
 
-def _describe(metrics: dict | None) -> str:
-    m = metrics or {}
-    data_cfg = (m.get("config") or {}).get("data") or {}
+def _describe(metrics: Metrics) -> str:
+    data_cfg = metrics.config.get("data")
     root = f" from {data_cfg.get('root')}" if isinstance(data_cfg, dict) and data_cfg.get("root") else ""
-    return f"{m.get('eval_samples')} images of {m.get('data')}{root}"
+    return f"{metrics.eval_samples} images of {metrics.data}{root}"
 
 
 def compare_runs(a: Path, b: Path) -> PairedComparison:
@@ -160,7 +160,7 @@ def compare_job_sets(jobs_a: Sequence[Job], jobs_b: Sequence[Job]) -> PairedComp
 
 
 def _seed(job: Job) -> Any:
-    return (job.metrics or {}).get("seed")
+    return job.metrics.seed if job.metrics is not None else None
 
 
 def fmt_p(p: float) -> str:

@@ -7,6 +7,8 @@ seed as top-1 with its 95 % Wilson interval. The float model is the top row. Wit
 (model, data, w/a bits, rate) the best row is bold and a row that an exact McNemar test on the same
 images cannot tell from it (p ≥ 0.05) is marked ``≈``. Protocol columns that are the same for every
 compressed row are stated once under the table instead. Paper numbers, when known, sit beside ours.
+How a method's rows are labelled, ordered, given a rate or made the float row is what the method
+declares (``metrics.json["method_info"]``, :class:`qaf.results.MethodInfo`), never its name.
 """
 
 from __future__ import annotations
@@ -24,24 +26,12 @@ from qaf.metrics.stats import wilson_interval
 from qaf.provenance import code_label
 from qaf.report.collect import OK, Job
 from qaf.report.compare import compare_job_sets, p_text
+from qaf.results import Metrics, MethodInfo
 
-FLOAT_METHOD = "fp32"
-# Methods whose result depends on the rate: only they show one. Baselines keep every weight.
-FACTORIZING = {"cpd", "cpd_epc", "admm", "admm_epc"}
-DISPLAY = {
-    "fp32": "Float",
-    "ptq": "PTQ",
-    "lapq": "LAPQ",
-    "adaround": "AdaRound",
-    "adaquant": "AdaQuant",
-    "brecq": "BRECQ",
-    "qswd": "QSWD",
-    "cpd": "CPD→PTQ",
-    "cpd_epc": "CPD-EPC→PTQ",
-    "admm": "ADMM",
-    "admm_epc": "ADMM-EPC",
-}
-_ORDER = list(DISPLAY)
+#: The float model's row when no job of a reference method gives it (every job measures the float
+#: model: ``fp32_top1``), and the key it is filed under.
+FLOAT = MethodInfo(display="Float", reference=True, order=0)
+FLOAT_KEY = "float"
 #: ``--bops`` conventions: the metrics.json field each reads.
 BOPS_FIELDS = {"qaf": "bops_pct", "paper": "bops_pct_paper"}
 BOPS_NOTES = {
@@ -80,7 +70,7 @@ class Row:
     w_bits, a_bits : int
         Weight and activation bit widths (32/32 for the float model).
     rate : float | None
-        Parameter reduction rate; None for methods that do not factorize.
+        Parameter reduction rate; None for methods whose ``info.uses_rate`` is false.
     eval_samples : int | None
         Evaluation images (None for a paper-only row).
     protocol : tuple[str, ...]
@@ -103,6 +93,8 @@ class Row:
         ``best`` (bold), ``tie`` (≈: not significantly worse than the best) or "".
     jobs : list[Job]
         The finished jobs behind the row.
+    info : MethodInfo | None
+        What the method declares (for a method no job ran: its paper CSV ``label``).
     """
 
     model: str
@@ -128,6 +120,7 @@ class Row:
     paper_source: str | None = None
     mark: str = ""
     jobs: list[Job] = field(default_factory=list)
+    info: MethodInfo | None = None
 
     @property
     def key(self) -> Key:
@@ -149,13 +142,13 @@ class Row:
     def label(self) -> str:
         """The method as the paper names it, with the swept method options, e.g. ``PTQ (clip=mse)``."""
         variant = self.method.partition("[")[2].removesuffix("]")  # a value may end in "]" too
-        name = DISPLAY.get(self.base_method, self.base_method)
+        name = self.info.display if self.info else self.base_method
         return f"{name} ({variant})" if variant else name
 
     @property
     def is_float(self) -> bool:
-        """Whether this is the float model's row."""
-        return self.method == FLOAT_METHOD
+        """Whether this is the float model's row (its method is the reference)."""
+        return self.info is not None and self.info.reference
 
     @property
     def ours(self) -> bool:
@@ -163,13 +156,13 @@ class Row:
         return self.top1 is not None
 
 
-def protocol_of(metrics: dict) -> tuple[str, ...]:
+def protocol_of(metrics: Metrics) -> tuple[str, ...]:
     """The calibration protocol of a run as text, in :data:`PROTOCOL_COLUMNS` order.
 
     Parameters
     ----------
-    metrics : dict
-        A valid metrics.json payload.
+    metrics : Metrics
+        A run's results.
 
     Returns
     -------
@@ -177,8 +170,8 @@ def protocol_of(metrics: dict) -> tuple[str, ...]:
         Policy name; ``on, <transform> transform`` or ``off``; ``<n> <split> images, <transform>
         transform`` for the observers' calibration; ``none`` or ``KD, <steps> steps``.
     """
-    proto = metrics.get("protocol") if isinstance(metrics.get("protocol"), dict) else {}
-    policy = metrics.get("policy") or (proto.get("policy") or {}).get("name") or "?"
+    proto = metrics.protocol
+    policy = metrics.policy or (proto.get("policy") or {}).get("name") or "?"
     recal = proto.get("bn_recalibration")
     bn = "?" if recal is None else (f"on, {proto.get('bn_transform', '?')} transform" if recal else "off")
     calib = (f"{proto.get('calib_samples', '?')} {proto.get('calib_split', '?')} images, "
@@ -200,26 +193,21 @@ def job_key(job: Job) -> Key:
     Returns
     -------
     Key
-        The float model is 32/32 without rate or protocol; swept ``method.*`` options make the
-        method ``name[key=value,...]``.
+        A reference method's row is 32/32 without rate or protocol; the rate only where the method
+        uses it; swept ``method.*`` options make the method ``name[key=value,...]``.
     """
-    m = job.metrics or {}
-    method = str(m.get("method", job.method))
-    n = m.get("eval_samples")
-    if method == FLOAT_METHOD:
+    m = job.metrics
+    assert m is not None
+    if m.method_info.reference:
         # The plain float model has no protocol; one with re-estimated BN (or fine-tuned) is
         # another model, with its own row.
-        proto = m.get("protocol") if isinstance(m.get("protocol"), dict) else {}
-        changed = bool(proto.get("bn_recalibration") or proto.get("finetune"))
-        return Key(str(m.get("model", "?")), str(m.get("data", "?")), method, 32, 32, None, n,
-                   protocol_of(m) if changed else ())
-    rate = float(m["rate"]) if method in FACTORIZING and m.get("rate") is not None else None
+        changed = bool(m.protocol.get("bn_recalibration") or m.protocol.get("finetune"))
+        return Key(m.model, m.data, m.method, 32, 32, None, m.eval_samples, protocol_of(m) if changed else ())
     # Swept method options (method.clip=mse, ...) are different methods, not repeats to average.
     variant = ",".join(sorted(o.split(".", 1)[1] for o in job.overrides if o.startswith("method.")))
-    if variant:
-        method = f"{method}[{variant}]"
-    return Key(str(m.get("model", "?")), str(m.get("data", "?")), method, int(m.get("bits", 32)),
-               int(m.get("act_bits", 32)), rate, n, protocol_of(m))
+    method = f"{m.method}[{variant}]" if variant else m.method
+    rate = m.rate if m.method_info.uses_rate else None
+    return Key(m.model, m.data, method, m.bits, m.act_bits, rate, m.eval_samples, protocol_of(m))
 
 
 def aggregate(jobs: Iterable[Job], paper: dict[tuple, dict] | None = None,
@@ -250,30 +238,31 @@ def aggregate(jobs: Iterable[Job], paper: dict[tuple, dict] | None = None,
     rows = {key: _row(key, members, BOPS_FIELDS[bops]) for key, members in groups.items()}
     _add_float_rows(rows, [j for members in groups.values() for j in members])
     if paper:
-        _attach_paper(rows, paper, paper_for)
+        _attach_paper(rows, paper, paper_for, {r.base_method: r.info for r in rows.values() if r.info})
     ordered = sorted(rows.values(), key=_sort_key)
     mark_best(ordered)
     return ordered
 
 
 def _row(key: Key, jobs: list[Job], bops_field: str) -> Row:
+    metrics = [j.metrics for j in jobs if j.metrics is not None]
     # Jobs with the same seed are repeats of one experiment (e.g. fp32 at bits=4 and bits=8):
     # average them first so that only distinct seeds make the spread.
-    by_seed: dict[Any, list[dict]] = defaultdict(list)
-    for job in jobs:
-        by_seed[(job.metrics or {}).get("seed")].append(job.metrics or {})
+    by_seed: dict[Any, list[Metrics]] = defaultdict(list)
+    for m in metrics:
+        by_seed[m.seed].append(m)
     fields = {"top1": "top1", "top5": "top5", "bops_pct": bops_field, "size_bytes": "size_bytes",
               "compression_ratio": "compression_ratio"}
-    per_seed = [{name: _mean([m.get(src) for m in ms]) for name, src in fields.items()} for ms in by_seed.values()]
+    per_seed = [{name: _mean([getattr(m, src) for m in ms]) for name, src in fields.items()}
+                for ms in by_seed.values()]
     top1s = [s["top1"] for s in per_seed if s["top1"] is not None]
     row = Row(*key, top1=_mean(top1s), top1_std=statistics.stdev(top1s) if len(top1s) > 1 else None,
-              seeds=len(per_seed), jobs=jobs,
+              seeds=len(per_seed), jobs=jobs, info=max(metrics, key=lambda m: m.schema_version).method_info,
               **{name: _mean([s[name] for s in per_seed]) for name in fields if name != "top1"})
-    first = jobs[0].metrics or {}
-    if len(per_seed) == 1 and interval_of(first.get("top1_ci95")):
-        row.top1_ci = interval_of(first.get("top1_ci95"))
-    if key.method != FLOAT_METHOD:
-        tests = [m["vs_fp32"] for m in (j.metrics or {} for j in jobs) if isinstance(m.get("vs_fp32"), dict)]
+    if len(per_seed) == 1:
+        row.top1_ci = interval_of(metrics[0].top1_ci95)
+    if not row.is_float:
+        tests = [m.vs_fp32 for m in metrics if m.vs_fp32 is not None]
         row.vs_fp32_diff = _mean([t.get("diff") for t in tests])
         row.vs_fp32_p = max((float(t["p_value"]) for t in tests if _is_number(t.get("p_value"))), default=None)
     return row
@@ -281,22 +270,18 @@ def _row(key: Key, jobs: list[Job], bops_field: str) -> Row:
 
 def _add_float_rows(rows: dict[Key, Row], jobs: list[Job]) -> None:
     """Every job measures the float model: give the table its float row even when the sweep did
-    not run ``method=fp32`` (top-1 from ``fp32_top1``, interval from the images)."""
-    found: dict[Key, list[dict]] = defaultdict(list)
-    for job in jobs:
-        m = job.metrics or {}
-        if _is_number(m.get("fp32_top1")):
-            key = Key(str(m.get("model", "?")), str(m.get("data", "?")), FLOAT_METHOD, 32, 32, None,
-                      m.get("eval_samples"))
-            found[key].append(m)
+    not run a reference method (top-1 from ``fp32_top1``, interval from the images)."""
+    have = {(r.model, r.data, r.eval_samples) for r in rows.values() if r.is_float and not r.protocol}
+    found: dict[Key, list[Metrics]] = defaultdict(list)
+    for m in (job.metrics for job in jobs):
+        if m is not None and m.fp32_top1 is not None and (m.model, m.data, m.eval_samples) not in have:
+            found[Key(m.model, m.data, FLOAT_KEY, 32, 32, None, m.eval_samples)].append(m)
     for key, ms in found.items():
-        if key in rows:
-            continue
-        top1 = statistics.fmean(float(m["fp32_top1"]) for m in ms)
+        top1 = statistics.fmean(m.fp32_top1 for m in ms)  # type: ignore[misc]
         n = key.eval_samples
         ci = wilson_interval(round(top1 * n / 100), n) if isinstance(n, int) and n > 0 else None
         rows[key] = Row(*key, top1=top1, top1_ci=ci, bops_pct=100.0, seeds=1, compression_ratio=1.0,
-                        size_bytes=_mean([m.get("fp32_size_bytes") for m in ms]))
+                        size_bytes=_mean([m.fp32_size_bytes for m in ms]), info=FLOAT)
 
 
 def _mean(values: Iterable[Any]) -> float | None:
@@ -333,14 +318,23 @@ def mark_best(rows: Sequence[Row]) -> None:
                 row.mark = "" if result.significant else "tie"
 
 
-def _attach_paper(rows: dict[Key, Row], paper: dict[tuple, dict],
-                  paper_for: set[tuple[str, str]] | None) -> None:
+def _attach_paper(rows: dict[Key, Row], paper: dict[tuple, dict], paper_for: set[tuple[str, str]] | None,
+                  infos: dict[str, MethodInfo]) -> None:
+    """Put the paper numbers beside our rows; a paper row at 32/32 bits without rate is the float
+    model's. A setting no job ran becomes a row of its own (labelled as the method's jobs declare,
+    else by the CSV's ``label``)."""
     pairs = sorted(paper_for if paper_for is not None else {k[:2] for k in rows}) or [("?", "?")]
     for pkey, values in paper.items():
+        method, *setting = pkey
         for model, data in pairs:
-            matches = [r for k, r in rows.items() if k[:6] == (model, data, *pkey)]
+            if setting == [32, 32, None]:
+                matches = [r for r in rows.values() if r.key[:2] == (model, data) and r.is_float and not r.protocol]
+            else:
+                matches = [r for k, r in rows.items() if k[:6] == (model, data, *pkey)]
             if not matches:
-                row = Row(model, data, *pkey)
+                info = FLOAT if setting == [32, 32, None] else infos.get(method) or MethodInfo(
+                    display=values.get("label") or method, uses_rate=pkey[3] is not None)
+                row = Row(model, data, *pkey, info=info)
                 rows[row.key] = row
                 matches = [row]
             for row in matches:
@@ -350,8 +344,8 @@ def _attach_paper(rows: dict[Key, Row], paper: dict[tuple, dict],
 
 
 def _sort_key(row: Row) -> tuple:
-    order = _ORDER.index(row.base_method) if row.base_method in _ORDER else len(_ORDER)
-    return (row.model, row.data, order, row.method, row.w_bits, row.a_bits,
+    order = (row.info or MethodInfo("")).order
+    return (row.model, row.data, not row.is_float, order, row.method, row.w_bits, row.a_bits,
             -1.0 if row.rate is None else row.rate, row.eval_samples or 0, row.protocol)
 
 
@@ -362,15 +356,16 @@ def read_paper_csv(path: Path) -> dict[tuple, dict]:
     ----------
     path : Path
         CSV with columns ``method, w_bits, a_bits, rate, bops_pct, top1`` and optionally
-        ``source`` (rate empty for methods that do not factorize; method names as in configs,
-        e.g. ``admm_epc``, or methods qaf does not run, e.g. ``adaround``); ``#`` lines are
-        comments.
+        ``source`` and ``label`` (rate empty for methods whose rate does not apply; the float
+        model's row at 32/32 bits; method names as in configs, e.g. ``admm_epc``, or methods qaf
+        does not run, e.g. ``adaround``, with the ``label`` tables show for them); ``#`` lines
+        are comments.
 
     Returns
     -------
     dict[tuple, dict]
         ``{(method, w_bits, a_bits, rate): {"top1": float, "bops_pct": float | None,
-        "source": str | None}}``.
+        "source": str | None, "label": str | None}}``.
 
     Raises
     ------
@@ -393,10 +388,10 @@ def read_paper_csv(path: Path) -> dict[tuple, dict]:
 def _paper_record(rec: dict[str, str]) -> tuple[tuple, dict]:
     method = rec["method"].strip()
     rate = (rec.get("rate") or "").strip()
-    key = (method, int(rec["w_bits"]), int(rec["a_bits"]), float(rate) if rate and method in FACTORIZING else None)
+    key = (method, int(rec["w_bits"]), int(rec["a_bits"]), float(rate) if rate else None)
     bops = (rec.get("bops_pct") or "").strip()
-    source = (rec.get("source") or "").strip()
-    return key, {"top1": float(rec["top1"]), "bops_pct": float(bops) if bops else None, "source": source or None}
+    text = {name: (rec.get(name) or "").strip() or None for name in ("source", "label")}
+    return key, {"top1": float(rec["top1"]), "bops_pct": float(bops) if bops else None, **text}
 
 
 # ---------------------------------------------------------------------------------- formatting
@@ -593,7 +588,7 @@ def render_markdown(rows: Sequence[Row], jobs: Sequence[Job], title: str,
     lines = [f"# {title}", "", *markdown_table(main_table(rows, bops_text))]
     ok = sum(j.status == OK for j in jobs)
     lines += ["", f"{ok} of {len(jobs)} jobs finished."]
-    codes = sorted({code_label(j.metrics.get("code")) for j in jobs if j.status == OK and j.metrics})
+    codes = sorted({code_label(j.metrics.code) for j in jobs if j.status == OK and j.metrics})
     if codes:
         lines += [f"Code: {', '.join(codes)} (git commit of the jobs' results)."]
     problems = problem_jobs(jobs)
@@ -666,11 +661,10 @@ _COPIED = ("eval_samples", "top1", "top5", "fp32_top1", "bops_pct", "bops_pct_pa
 
 def result_record(job: Job) -> dict[str, Any]:
     """One job as a :data:`RESULT_COLUMNS` record (empty cells where unknown)."""
-    m = job.metrics or {}
-    proto = m.get("protocol") if isinstance(m.get("protocol"), dict) else {}
-    vs = m.get("vs_fp32") if isinstance(m.get("vs_fp32"), dict) else {}
+    m = job.metrics.to_json() if job.metrics is not None else {}
+    proto, vs = m.get("protocol", {}), m.get("vs_fp32") or {}
     ci = interval_of(m.get("top1_ci95")) or ("", "")
-    is_float = job.method == FLOAT_METHOD
+    is_float = job.metrics is not None and job.metrics.method_info.reference
     rec = {
         "sweep": str(job.sweep), "job": job.name, "status": job.status, "error": job.error or "",
         "stage": job.stage or "", "method": job.method,
@@ -684,7 +678,7 @@ def result_record(job: Job) -> dict[str, Any]:
         "code": code_label(m["code"]) if "code" in m else "",
         "path": "" if job.path is None else str(job.path),
     }
-    rec.update({k: m.get(k, "") for k in _COPIED})
+    rec.update({k: m.get(k) for k in _COPIED})
     return rec
 
 

@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from qaf.report.collect import OK, Job
-from qaf.report.tables import FLOAT_METHOD, interval_of, job_key
+from qaf.report.tables import interval_of, job_key
 
 TABLE_COLUMNS = ["job", "status", "method", "label", "w_bits", "a_bits", "rate", "seed",
                  "top1", "top1_ci_low", "top1_ci_high", "top5", "bops_pct", "bops_pct_paper", "size_bytes",
@@ -31,7 +31,7 @@ def sweep_groups(jobs: list[Job]) -> dict[str, list[Job]]:
     """
     ids: dict[Path, str] = {}
     for job in jobs:
-        sweep_id = (job.metrics or {}).get("sweep_id")
+        sweep_id = job.metrics.sweep_id if job.metrics is not None else None
         if sweep_id and job.sweep not in ids:
             ids[job.sweep] = str(sweep_id)
     groups: dict[str, list[Job]] = defaultdict(list)
@@ -55,17 +55,17 @@ def table_data(jobs: list[Job]) -> list[list]:
     """
     data = []
     for job in jobs:
-        m = job.metrics or {}
-        if job.status == OK:
+        m = job.metrics
+        if m is not None:
             key = job_key(job)
             method, w, a, rate = key.method, key.w_bits, key.a_bits, key.rate
+            label = m.method_info.display if m.method_info.reference else f"{method} w{w}a{a}"
+            numbers = [m.top1, *(interval_of(m.top1_ci95) or (None, None)), m.top5, m.bops_pct, m.bops_pct_paper,
+                       m.size_bytes, m.fp32_top1]
         else:
             method, w, a, rate = job.method, job.setting("bits"), job.setting("act_bits"), None
-        label = "Float" if method == FLOAT_METHOD else f"{method} w{w}a{a if a else '?'}"
-        ci = interval_of(m.get("top1_ci95")) or (None, None)
-        data.append([job.name, job.status, method, label, w, a, rate, job.setting("seed"), m.get("top1"), *ci,
-                     m.get("top5"), m.get("bops_pct"), m.get("bops_pct_paper"), m.get("size_bytes"),
-                     m.get("fp32_top1"), job.error])
+            label, numbers = f"{method} w{w}a{a if a else '?'}", [None] * 8
+        data.append([job.name, job.status, method, label, w, a, rate, job.setting("seed"), *numbers, job.error])
     return data
 
 

@@ -390,8 +390,9 @@ def test_size_ratio_and_image_count(tmp_path: Path) -> None:
 
 
 def test_row_label_keeps_an_option_value_ending_in_a_bracket() -> None:
-    assert Row("m", "d", "ptq[clip=mse]", 4, 8, None).label == "PTQ (clip=mse)"
-    assert Row("m", "d", "admm_epc[include=[layer1.*]]", 4, 8, 2.0).label == "ADMM-EPC (include=[layer1.*])"
+    assert Row("m", "d", "ptq[clip=mse]", 4, 8, None, info=info_of("ptq")).label == "PTQ (clip=mse)"
+    assert Row("m", "d", "admm_epc[include=[layer1.*]]", 4, 8, 2.0,
+               info=info_of("admm_epc")).label == "ADMM-EPC (include=[layer1.*])"
 
 
 def test_latex_has_float_row_then_rule_and_bold_best() -> None:

@@ -19,6 +19,7 @@ from qaf.export.rerun import compose, compressed_model
 from qaf.metrics import bops as cost
 from qaf.metrics.size import size_bytes
 from qaf.quant.modules import ActQuantizer, QuantLayer
+from qaf.quant.observer import Observer
 from qaf.quant.uniform import Grid, affine_grid, make_grid, symmetric_grid, unsigned_grid
 
 onnx = pytest.importorskip("onnx")
@@ -150,8 +151,8 @@ def _reference_act_forward(self, x, inplace=False):  # ActQuantizer.forward befo
     if self._mode == "off":
         return x
     if self._mode == "observe":
-        self._observe(x)
-        return x
+        self._unfitted = True
+        return self.observer(x)
     if self.grid.scale.device != x.device:
         self.grid = self.grid.to(x.device)
     return self.grid.ste(x) if x.requires_grad else self.grid(x)
@@ -197,8 +198,8 @@ def test_fast_cp_path_observes_the_same_activations(exported, monkeypatch):
     def refit(m: nn.Module) -> list[Grid]:
         m = copy.deepcopy(m)
         quantizers = [q for q in m.modules() if isinstance(q, ActQuantizer)]
-        for q in quantizers:
-            q.reset()
+        for q in quantizers:  # forget the grid and the observations
+            q.grid, q.observer = None, Observer(q.observer.max_samples, q.observer.per_batch, q.observer.seed)
         with observing_activations(m):
             run_passes(m, batches)
         return [q.grid for q in quantizers]

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from qaf.quant.modules import QuantLayer
 
-__all__ = ["CPConv2d", "CPLinear", "factorized_layer"]
+__all__ = ["CPConv2d", "CPLinear"]
 
 #: Run CP convs in channels_last during CPU inference (exact; False restores the plain path).
 CHANNELS_LAST_ON_CPU = True
@@ -116,11 +116,3 @@ class CPLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.second(self.first(x))
 
-
-def factorized_layer(layer: nn.Module, factors: list[Tensor]) -> nn.Module:
-    """The CP replacement of ``layer``: :class:`CPConv2d` for 3 factors, else :class:`CPLinear`."""
-    if len(factors) == 3:
-        if not isinstance(layer, nn.Conv2d):
-            raise ValueError("3 factors need an nn.Conv2d")
-        return CPConv2d(layer, factors)
-    return CPLinear(layer, factors)

@@ -14,7 +14,6 @@ The same rule for every method, so sizes compare across PTQ grids, CP factors an
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 
 from torch import nn
 
@@ -61,10 +60,3 @@ def size_bytes(model: nn.Module) -> int:
     """Bytes needed to store ``model`` (bits of :func:`storage_entries`, rounded up to bytes)."""
     return math.ceil(sum(count * bits for _, count, bits in storage_entries(model)) / 8)
 
-
-def size_breakdown(model: nn.Module) -> dict[str, int]:
-    """Bytes by tensor kind (the last part of each name: ``weight``, ``codes``, ``scale``, ...)."""
-    bits: dict[str, int] = defaultdict(int)
-    for name, count, width in storage_entries(model):
-        bits[name.rsplit(".", 1)[-1]] += count * width
-    return {k: math.ceil(v / 8) for k, v in sorted(bits.items())}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, Mapping
 
 import torch
@@ -11,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qaf.config import ConfigError
+from qaf.quant.observer import Observer
 from qaf.quant.uniform import Grid, check_scheme, correct_mean, make_grid
 
 MODES = ("off", "observe", "quant")
@@ -18,30 +17,12 @@ MODES = ("off", "observe", "quant")
 BN_BITS = (8, 8)
 
 
-_BATCH: list[int | None] = [None]
-
-
-@contextmanager
-def batch_index(index: int) -> Iterator[None]:
-    """Tell observers which calibration batch (single-process numbering) is passing through."""
-    _BATCH.append(index)
-    try:
-        yield
-    finally:
-        _BATCH.pop()
-
-
 class ActQuantizer(nn.Module):
-    """Per-tensor activation fake-quantizer with a clip observed on calibration data.
+    """Per-tensor activation fake-quantizer whose grid is fitted to what its observer saw.
 
-    Modes: ``"off"`` is the identity; ``"observe"`` records the running min/max and a bounded,
-    deterministic subsample of what passes (identity output); switching to ``"quant"`` fits the
+    Modes: ``"off"`` is the identity; ``"observe"`` passes the input to ``observer``
+    (:class:`qaf.quant.observer.Observer`, identity output); switching to ``"quant"`` fits the
     grid to the observations (unless a grid was set with ``set_grid``) and quantizes from then on.
-
-    The subsample is a bottom-k sample: from each call, ``per_batch`` elements are drawn with a
-    generator seeded by (seed, batch index, call number), each with a random priority, and the
-    ``max_samples`` of lowest priority are kept. It does not depend on the order in which batches
-    arrive, so observations made by several processes merge into exactly the single-process one.
 
     Parameters
     ----------
@@ -55,12 +36,8 @@ class ActQuantizer(nn.Module):
         Unsigned grid over [0, alpha] (post-ReLU inputs).
     p : float
         Exponent for ``clip="lp"``.
-    max_samples : int
-        Bound on the stored subsample (elements).
-    per_batch : int
-        Elements drawn at random from each observed call.
-    seed : int
-        Seed of the subsampling.
+    max_samples, per_batch, seed
+        The observer's subsampling (:class:`qaf.quant.observer.Observer`).
     """
 
     def __init__(
@@ -78,17 +55,12 @@ class ActQuantizer(nn.Module):
         super().__init__()
         check_scheme(bits, clip, p, key="act_clip")
         self.bits, self.clip, self.symmetric, self.unsigned, self.p = bits, clip, symmetric, unsigned, p
-        self.max_samples, self.per_batch, self.seed = max_samples, per_batch, seed
+        self.observer = Observer(max_samples, per_batch, seed)
         self._mode = "off"
         self.grid: Grid | None = None
-        self._values = torch.empty(0)
-        self._priority = torch.empty(0)
         self._unfitted = False  # observations made since the grid was last fitted or set
-        self._calls: dict[int, int] = {}  # batch index -> calls seen (a shared quantizer runs twice)
         self._fast_grid: Grid | None = None  # the grid _has_offset was computed for
         self._has_offset = False
-        self.register_buffer("running_min", torch.tensor(float("inf")))
-        self.register_buffer("running_max", torch.tensor(float("-inf")))
 
     @property
     def mode(self) -> str:
@@ -100,85 +72,32 @@ class ActQuantizer(nn.Module):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is invalid: accepted {', '.join(MODES)}")
         if mode == "quant" and (self._unfitted or self.grid is None):
-            self.grid = self._fit()
+            self.grid = make_grid(self.sample(), self.bits, symmetric=self.symmetric, unsigned=self.unsigned,
+                                  clip=self.clip, p=self.p)
             self._unfitted = False
         self._mode = mode
 
     def sample(self) -> Tensor:
-        """The stored subsample in a canonical order, with the observed extremes included."""
-        if not self._values.numel():
-            raise RuntimeError("ActQuantizer has observed nothing: run calibration data in 'observe' mode")
-        self._prune(self.max_samples)
-        order = torch.argsort(self._priority)
-        extremes = torch.stack([self.running_min, self.running_max]).to(self._values.device)
-        return torch.cat([self._values[order], extremes])
+        """The observer's subsample (:meth:`qaf.quant.observer.Observer.sample`)."""
+        return self.observer.sample()
 
-    def observation(self) -> dict[str, Tensor]:
-        """What was observed, as tensors (to merge observations of several processes)."""
-        return {"values": self._values, "priority": self._priority,
-                "min": self.running_min, "max": self.running_max}
-
-    def merge(self, states: list[dict[str, Tensor]]) -> None:
-        """Replace the observation by the union of ``states`` (this process's included)."""
-        device = self.running_min.device
-        self._values = torch.cat([s["values"].to(device) for s in states])
-        self._priority = torch.cat([s["priority"].to(device) for s in states])
-        self._prune(self.max_samples)
-        self.running_min.copy_(torch.stack([s["min"].to(device) for s in states]).min())
-        self.running_max.copy_(torch.stack([s["max"].to(device) for s in states]).max())
+    @property
+    def running_max(self) -> Tensor:
+        """The largest value observed."""
+        return self.observer.running_max
 
     def set_grid(self, grid: Grid) -> None:
         """Use ``grid`` as is (a method chose the clip itself); earlier observations will not refit it."""
         self.grid = grid
         self._unfitted = False
 
-    def reset(self) -> None:
-        """Forget observations and grid."""
-        self._values, self._priority = torch.empty(0), torch.empty(0)
-        self._calls.clear()
-        self._unfitted = False
-        self.grid = None
-        self.running_min.fill_(float("inf"))
-        self.running_max.fill_(float("-inf"))
-
-    def _fit(self) -> Grid:
-        return make_grid(
-            self.sample(), self.bits, symmetric=self.symmetric, unsigned=self.unsigned, clip=self.clip, p=self.p
-        )
-
-    def _prune(self, keep: int) -> None:
-        if self._priority.numel() > keep:
-            idx = torch.topk(self._priority, keep, largest=False).indices
-            self._values, self._priority = self._values[idx], self._priority[idx]
-
-    def _observe(self, x: Tensor) -> None:
-        self._unfitted = True
-        flat = x.detach().reshape(-1).float()
-        self.running_min.copy_(torch.minimum(self.running_min, flat.min()))
-        self.running_max.copy_(torch.maximum(self.running_max, flat.max()))
-        batch = _BATCH[-1] if _BATCH[-1] is not None else len(self._calls)
-        call = self._calls.get(batch, 0)
-        self._calls[batch] = call + 1
-        # hash() of a tuple of ints is the same in every process (PYTHONHASHSEED only salts str/bytes).
-        gen = torch.Generator().manual_seed(hash((self.seed, batch, call)) & ((1 << 63) - 1))
-        count = min(self.per_batch, flat.numel())
-        idx = torch.randint(flat.numel(), (count,), generator=gen) if count < flat.numel() else torch.arange(count)
-        priority = torch.rand(count, generator=gen)
-        values = flat[idx.to(flat.device)]
-        if not self._values.numel():
-            self._values, self._priority = values.new_empty(0), priority.new_empty(0)
-        self._values = torch.cat([self._values.to(flat.device), values])
-        self._priority = torch.cat([self._priority, priority])
-        if self._priority.numel() > 2 * self.max_samples:  # amortised: prune only now and then
-            self._prune(self.max_samples)
-
     def forward(self, x: Tensor, inplace: bool = False) -> Tensor:
         """Quantize ``x`` (mode ``quant``); ``inplace=True`` may overwrite ``x`` (a caller's private tensor)."""
         if self._mode == "off":
             return x
         if self._mode == "observe":
-            self._observe(x)
-            return x
+            self._unfitted = True
+            return self.observer(x)
         grid = self.grid
         assert grid is not None
         if grid.scale.device != x.device:
@@ -449,9 +368,3 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 def act_quantizers(model: nn.Module) -> list[ActQuantizer]:
     """All distinct ``ActQuantizer`` modules of ``model``."""
     return [m for m in model.modules() if isinstance(m, ActQuantizer)]
-
-
-def set_act_mode(model: nn.Module, mode: str) -> None:
-    """Set the mode of every ``ActQuantizer`` in ``model`` (``"off"``, ``"observe"``, ``"quant"``)."""
-    for q in act_quantizers(model):
-        q.mode = mode

@@ -97,13 +97,6 @@ class Grid:
             return self.scale * (self.qmax - self.qmin) / 2
         return self.scale * self.qmax  # unsigned: [0, alpha]
 
-    def levels(self) -> Tensor:
-        """All levels of a per-tensor grid, ascending."""
-        if self.scale.dim() != 0:
-            raise ValueError("levels() is defined for per-tensor grids only")
-        codes = torch.arange(self.qmin, self.qmax + 1, dtype=self.scale.dtype, device=self.scale.device)
-        return (codes - self.zero_point) * self.scale
-
     def to(self, device: torch.device | str) -> "Grid":
         """The same grid with its tensors on ``device``."""
         return Grid(self.scale.to(device), self.zero_point.to(device), self.qmin, self.qmax)
@@ -245,11 +238,6 @@ def make_grid(
             hi = torch.minimum(mu[:, None] + alpha, mx)
             grid = affine_grid(lo, hi, bits)
     return Grid(grid.scale.reshape(out_shape), grid.zero_point.reshape(out_shape), grid.qmin, grid.qmax)
-
-
-def fake_quantize(x: Tensor, bits: int, **kwargs) -> Tensor:
-    """``make_grid(x, bits, **kwargs)(x)``: fit a grid to ``x`` and quantize ``x`` onto it."""
-    return make_grid(x, bits, **kwargs)(x)
 
 
 def correct_mean(w_q: Tensor, w: Tensor, ch_axis: int = 0) -> Tensor:

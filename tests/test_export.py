@@ -13,6 +13,7 @@ from torch import nn
 
 from qaf.decomp import layers as cp_layers
 from qaf.decomp.layers import CPConv2d
+from qaf.decomp.qswd_layer import QSWDConv2d, QSWDLinear
 from qaf.export import ARTIFACT_NAME, export_options, export_run, load, read_metadata
 from qaf.export.artifact import decode, encode, pack_codes, unpack_codes
 from qaf.export.rerun import compose, compressed_model
@@ -319,8 +320,7 @@ def test_onnx_has_qdq_where_the_quantizers_are_and_scores_like_pytorch(exported,
     ops = [n.op_type for n in proto.graph.node]
     images, labels = data.eval.images, torch.tensor(data.eval.labels)
     assert ops.count("QuantizeLinear") == _quantizer_call_sites(model, images[:2])
-    weights = sum(isinstance(m, QuantLayer) for m in model.modules()) + sum(
-        hasattr(m, "integer_codes") for m in model.modules())
+    weights = sum(isinstance(m, (QuantLayer, QSWDConv2d, QSWDLinear)) for m in model.modules())
     assert ops.count("DequantizeLinear") == ops.count("QuantizeLinear") + weights
     expected = _logits(model, images).argmax(1)
     got = onnx_logits(session(result["onnx_path"], level="basic"), images).argmax(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Mapping
 
 import torch
@@ -9,15 +10,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qaf.config import ConfigError
+from qaf.layer_type import LayerType, TensorReader, TensorWriter
 from qaf.quant.observer import Observer
-from qaf.quant.uniform import Grid, check_scheme, correct_mean, make_grid
+from qaf.quant.qdq import DequantizedWeight, LoweredLayer, QuantizeDequantize
+from qaf.quant.uniform import Grid, check_scheme, correct_mean, make_grid, same_bits
+
+log = logging.getLogger("qaf")
 
 MODES = ("off", "observe", "quant")
 #: Bit width BatchNorm is counted at in a quantized model (BOPs convention of the issue).
 BN_BITS = (8, 8)
 
 
-class ActQuantizer(nn.Module):
+class ActQuantizer(LayerType):
     """Per-tensor activation fake-quantizer whose grid is fitted to what its observer saw.
 
     Modes: ``"off"`` is the identity; ``"observe"`` passes the input to ``observer``
@@ -39,6 +44,8 @@ class ActQuantizer(nn.Module):
     max_samples, per_batch, seed
         The observer's subsampling (:class:`qaf.quant.observer.Observer`).
     """
+
+    kind = "act_quantizer"
 
     def __init__(
         self,
@@ -127,12 +134,47 @@ class ActQuantizer(nn.Module):
             v.add_(grid._offset)
         return v.round_().add_(grid._zp_int).clamp_(grid.qmin, grid.qmax).sub_(grid.zero_point).mul_(grid.scale)
 
+    @property
+    def scheme(self) -> str:
+        """``"unsigned"``, ``"symmetric"`` or ``"affine"``."""
+        return "unsigned" if self.unsigned else "symmetric" if self.symmetric else "affine"
+
     def extra_repr(self) -> str:
-        kind = "unsigned" if self.unsigned else "symmetric" if self.symmetric else "affine"
-        return f"bits={self.bits}, clip={self.clip}, {kind}, mode={self._mode}"
+        return f"bits={self.bits}, clip={self.clip}, {self.scheme}, mode={self._mode}"
+
+    def storage(self) -> list[tuple[str, int, int]]:
+        """Its grid's scale and zero point (the observations are calibration state, not stored)."""
+        return [("scale_zero_point", 2, 32)] if self.grid is not None else []
+
+    def export_record(self, name: str, writer: TensorWriter) -> dict[str, Any]:
+        record = {"bits": self.bits, "scheme": self.scheme, "clip": self.clip, "p": self.p, "mode": self.mode}
+        if self.grid is not None:
+            grid = self.grid.to("cpu")
+            if grid.scale.dim() != 0:
+                raise NotImplementedError(f"activation quantizer {name} has a per-channel grid")
+            writer.float(f"{name}.scale_zero_point", torch.stack([grid.scale.float(), grid.zero_point.float()]))
+            record["grid"] = [grid.qmin, grid.qmax]
+        return record
+
+    @classmethod
+    def from_record(cls, name: str, record: dict[str, Any], current: nn.Module, reader: TensorReader) -> nn.Module:
+        q = cls(record["bits"], clip=record["clip"], symmetric=record["scheme"] == "symmetric",
+                unsigned=record["scheme"] == "unsigned", p=record["p"])
+        if "grid" in record:
+            pair = reader.float(f"{name}.scale_zero_point")
+            q.set_grid(Grid(pair[0].clone(), pair[1].clone(), *record["grid"]))
+        q._mode = record["mode"] if record["mode"] != "observe" else "off"
+        return q
+
+    def onnx_module(self) -> nn.Module:
+        if self.mode == "observe":
+            raise RuntimeError("an activation quantizer is still observing: calibrate the model first")
+        if self.mode == "off" or self.grid is None:
+            return nn.Identity()
+        return QuantizeDequantize(self.grid.to("cpu"))
 
 
-class QuantLayer(nn.Module):
+class QuantLayer(LayerType):
     """A Conv2d/Linear with fake-quantized weight and input activations.
 
     The weight is quantized once (into ``layer.weight``); the float weight is kept (non-persistent
@@ -157,6 +199,8 @@ class QuantLayer(nn.Module):
         Use this module for the input: a shared ``ActQuantizer`` (layers reading the same tensor),
         or ``nn.Identity()`` when the input is quantized upstream (e.g. at a ReLU output).
     """
+
+    kind = "quant_layer"
 
     def __init__(
         self,
@@ -224,6 +268,82 @@ class QuantLayer(nn.Module):
             out.append(("bias", self.layer.bias.numel(), 32))
         return out
 
+    def weight_codes(self) -> tuple[Grid, Tensor, Tensor | None] | None:
+        """The weight as codes on its grid: ``(grid, codes, offset)`` (on the CPU) with the weight equal to
+        ``grid.dequantize(codes) - offset`` (offset None: 0) bit for bit; None when no grid gives it."""
+        if self.weight_grid is None:
+            return None
+        weight = self.layer.weight.detach()
+        grid = self.weight_grid.to(weight.device)
+        offset = getattr(self, "qaf_weight_offset", None) if self.bias_correction else None  # a loaded model's
+        if not self.bias_correction:
+            source = weight
+        elif offset is None:  # LAPQ: the weight is grid(weight_fp) shifted per channel (correct_mean)
+            source = self.weight_fp.detach()
+        else:
+            source = weight + offset.to(weight.device)
+        codes = grid.codes(source)
+        w_q = grid.dequantize(codes, weight.dtype)
+        if self.bias_correction:
+            if offset is None:  # the very tensor correct_mean subtracts
+                dims = list(range(1, weight.dim()))
+                offset = w_q.mean(dims, keepdim=True) - source.mean(dims, keepdim=True)
+            w_q = w_q - offset.to(weight.device)
+        if not same_bits(w_q, weight):
+            log.warning("%s: the weight is not its grid's dequantized codes bit for bit; exported in float",
+                        type(self).__name__)
+            return None
+        return grid.to("cpu"), codes.cpu(), None if offset is None else offset.cpu()
+
+    def export_record(self, name: str, writer: TensorWriter) -> dict[str, Any]:
+        layer = self.layer
+        record: dict[str, Any] = {"w_bits": self.w_bits, "a_bits": self.a_bits, "weight": "float",
+                                  "bias_correction": self.bias_correction, "bias": layer.bias is not None}
+        codes = self.weight_codes()
+        if codes is None:
+            writer.float(f"{name}.weight", layer.weight)
+        else:
+            grid, q, offset = codes
+            record.update(weight="codes", grid=writer.grid(f"{name}.weight", grid))
+            writer.codes(f"{name}.weight_codes", q, grid.qmin, grid.qmax)
+            if offset is not None:
+                writer.float(f"{name}.weight_offset", offset)
+        if layer.bias is not None:
+            writer.float(f"{name}.bias", layer.bias)
+        return record
+
+    @classmethod
+    def from_record(cls, name: str, record: dict[str, Any], current: nn.Module, reader: TensorReader) -> nn.Module:
+        grid = offset = None
+        with torch.no_grad():
+            if record["weight"] == "codes":
+                grid = reader.grid(f"{name}.weight", record["grid"])
+                weight = grid.dequantize(reader.codes(f"{name}.weight_codes"), current.weight.dtype)
+                if record["bias_correction"]:
+                    offset = reader.float(f"{name}.weight_offset")
+                    weight = weight - offset
+            else:
+                weight = reader.float(f"{name}.weight")
+            current.weight.copy_(weight)
+            if record["bias"]:
+                current.bias.copy_(reader.float(f"{name}.bias"))
+        # The input module is rebuilt from its own record (or stays the identity).
+        layer = cls(current, record["w_bits"], record["a_bits"], weight_grid=grid, fit_weight=False, act=nn.Identity())
+        layer.bias_correction = record["bias_correction"]
+        if offset is not None:
+            layer.qaf_weight_offset = offset  # the weight is its codes minus this (re-export needs it)
+        return layer
+
+    def onnx_module(self) -> nn.Module:
+        layer = self.layer
+        codes = self.weight_codes()
+        weight = DequantizedWeight(*codes) if codes is not None else layer.weight
+        if isinstance(layer, nn.Linear):
+            return LoweredLayer(weight, layer.bias, act=self.act)
+        if layer.padding_mode != "zeros":
+            raise NotImplementedError(f"padding_mode={layer.padding_mode!r} does not lower to ONNX")
+        return LoweredLayer(weight, layer.bias, (layer.stride, layer.padding, layer.dilation, layer.groups), self.act)
+
     def forward(self, x: Tensor, inplace: bool = False) -> Tensor:
         """``inplace=True``: ``x`` is the caller's private tensor, the input quantizer may overwrite it."""
         x = self.act(x, inplace=True) if inplace and isinstance(self.act, ActQuantizer) else self.act(x)
@@ -284,18 +404,24 @@ def quantize_model(
     return report
 
 
-class QuantInput(nn.Module):
+class QuantInput(LayerType):
     """Any layer (e.g. a QSWD layer) with its input fake-quantized by ``act``."""
 
-    def __init__(self, module: nn.Module, act: ActQuantizer):
+    kind = "quant_input"
+
+    def __init__(self, module: nn.Module, act: nn.Module):
         super().__init__()
         self.module, self.act = module, act
 
     def forward(self, x: Tensor) -> Tensor:
         return self.module(self.act(x))
 
+    @classmethod
+    def from_record(cls, name: str, record: dict[str, Any], current: nn.Module, reader: TensorReader) -> nn.Module:
+        return cls(current, nn.Identity())  # ``act`` is rebuilt from its own record
 
-class QuantReLU(nn.Module):
+
+class QuantReLU(LayerType):
     """A ReLU whose output is quantized: every consumer (identity shortcuts included) reads it.
 
     Parameters
@@ -306,12 +432,18 @@ class QuantReLU(nn.Module):
         The quantizer of its output.
     """
 
-    def __init__(self, relu: nn.Module, act: ActQuantizer):
+    kind = "quant_relu"
+
+    def __init__(self, relu: nn.Module, act: nn.Module):
         super().__init__()
         self.relu, self.act = relu, act
 
     def forward(self, x: Tensor) -> Tensor:
         return self.act(self.relu(x))
+
+    @classmethod
+    def from_record(cls, name: str, record: dict[str, Any], current: nn.Module, reader: TensorReader) -> nn.Module:
+        return cls(current, nn.Identity())  # ``act`` is rebuilt from its own record
 
 
 @torch.no_grad()

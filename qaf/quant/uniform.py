@@ -74,6 +74,17 @@ class Grid:
         q = torch.round(v).add_(self._zp_int).clamp_(self.qmin, self.qmax)
         return q.sub_(self.zero_point).mul_(self.scale)
 
+    def codes(self, x: Tensor) -> Tensor:
+        """The integer codes ``q`` (as floats) that ``self(x)`` dequantizes: the ops of ``__call__``."""
+        v = x / self.scale
+        if bool(self._offset.any()):
+            v = v + self._offset
+        return torch.round(v).add_(self._zp_int).clamp_(self.qmin, self.qmax)
+
+    def dequantize(self, codes: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``(codes - zero_point) * scale`` in ``dtype``: bit for bit what ``__call__`` returns."""
+        return codes.to(dtype, copy=True).sub_(self.zero_point).mul_(self.scale)
+
     def ste(self, x: Tensor) -> Tensor:
         """``self(x)`` with a straight-through gradient: 1 inside the grid's range, 0 outside."""
         q = self(x.detach())
@@ -100,6 +111,14 @@ class Grid:
     def to(self, device: torch.device | str) -> "Grid":
         """The same grid with its tensors on ``device``."""
         return Grid(self.scale.to(device), self.zero_point.to(device), self.qmin, self.qmax)
+
+
+def same_bits(a: Tensor, b: Tensor) -> bool:
+    """Bitwise equality of two float tensors (tells -0.0 from 0.0)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.contiguous().view(ints), b.contiguous().view(ints))
 
 
 def symmetric_grid(alpha: Tensor, bits: int, zero_free: bool = False) -> Grid:

@@ -300,7 +300,6 @@ def save(model: nn.Module, path: str | Path, config: dict[str, Any] | None = Non
     from safetensors.torch import save_file
 
     import qaf
-
     from qaf.models.torchvision_models import relus_split, split_shared_relus
 
     config = dict(config or {})

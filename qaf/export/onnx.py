@@ -13,7 +13,8 @@ from :mod:`qaf.quant.qdq`, so the graph says what the PyTorch model computes:
   zero-free grid as odd integers with half the scale, its bias correction as a ``Sub``;
 - a CP layer is its three convs (the generic lowering: its forward through its lowered
   sub-convs); a QSWD layer is one conv on its regenerated weight's codes;
-- float layers and batch norm stay float, as the exporter writes them.
+- float layers stay float, as the exporter writes them (its optimizer folds a float conv's batch
+  norm into the conv, as onnxruntime does).
 
 The exporter (``dynamo=True``, opset 21) traces the lowered model with ``torch.export`` and
 optimizes the graph; this module only names each node after the module it comes from

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from qaf.quant.modules import ActQuantizer, act_quantizers, batch_index
+from qaf.quant.modules import ActQuantizer, act_quantizers
+from qaf.quant.observer import batch_index
 
 __all__ = ["BN_TYPES", "batch_index", "observing_activations", "recalibrating_bn", "run_passes",
            "sync_across_ranks", "train_mode_modules"]
@@ -143,8 +144,8 @@ def sync_across_ranks(model: nn.Module) -> None:
                 dist.all_reduce(tensor)
     observing = [q for q in act_quantizers(model) if q.mode == "observe"]
     if observing:
-        states = [q.observation() for q in observing]
+        states = [q.observer.observation() for q in observing]
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, [{k: v.cpu() for k, v in s.items()} for s in states])
         for i, q in enumerate(observing):
-            q.merge([rank_states[i] for rank_states in gathered])
+            q.observer.merge([rank_states[i] for rank_states in gathered])

@@ -13,12 +13,14 @@ from torch import nn
 
 from qaf.decomp import layers as cp_layers
 from qaf.decomp.layers import CPConv2d
+from qaf.decomp.qswd_layer import QSWDConv2d, QSWDLinear
 from qaf.export import ARTIFACT_NAME, export_options, export_run, load, read_metadata
 from qaf.export.artifact import decode, encode, pack_codes, unpack_codes
 from qaf.export.rerun import compose, compressed_model
 from qaf.metrics import bops as cost
 from qaf.metrics.size import size_bytes
 from qaf.quant.modules import ActQuantizer, QuantLayer
+from qaf.quant.observer import Observer
 from qaf.quant.uniform import Grid, affine_grid, make_grid, symmetric_grid, unsigned_grid
 
 onnx = pytest.importorskip("onnx")
@@ -150,8 +152,8 @@ def _reference_act_forward(self, x, inplace=False):  # ActQuantizer.forward befo
     if self._mode == "off":
         return x
     if self._mode == "observe":
-        self._observe(x)
-        return x
+        self._unfitted = True
+        return self.observer(x)
     if self.grid.scale.device != x.device:
         self.grid = self.grid.to(x.device)
     return self.grid.ste(x) if x.requires_grad else self.grid(x)
@@ -197,8 +199,8 @@ def test_fast_cp_path_observes_the_same_activations(exported, monkeypatch):
     def refit(m: nn.Module) -> list[Grid]:
         m = copy.deepcopy(m)
         quantizers = [q for q in m.modules() if isinstance(q, ActQuantizer)]
-        for q in quantizers:
-            q.reset()
+        for q in quantizers:  # forget the grid and the observations
+            q.grid, q.observer = None, Observer(q.observer.max_samples, q.observer.per_batch, q.observer.seed)
         with observing_activations(m):
             run_passes(m, batches)
         return [q.grid for q in quantizers]
@@ -318,8 +320,7 @@ def test_onnx_has_qdq_where_the_quantizers_are_and_scores_like_pytorch(exported,
     ops = [n.op_type for n in proto.graph.node]
     images, labels = data.eval.images, torch.tensor(data.eval.labels)
     assert ops.count("QuantizeLinear") == _quantizer_call_sites(model, images[:2])
-    weights = sum(isinstance(m, QuantLayer) for m in model.modules()) + sum(
-        hasattr(m, "integer_codes") for m in model.modules())
+    weights = sum(isinstance(m, (QuantLayer, QSWDConv2d, QSWDLinear)) for m in model.modules())
     assert ops.count("DequantizeLinear") == ops.count("QuantizeLinear") + weights
     expected = _logits(model, images).argmax(1)
     got = onnx_logits(session(result["onnx_path"], level="basic"), images).argmax(1)

@@ -47,7 +47,7 @@ def test_observer_on_cuda_matches_the_cpu_and_keeps_observing_after_a_merge() ->
         q = ActQuantizer(4, clip="minmax", max_samples=2000, per_batch=1500).to(device)
         q.mode = "observe"
         q(x.to(device))
-        q.merge([q.observation(), {k: v.cpu() for k, v in q.observation().items()}])
+        q.observer.merge([q.observer.observation(), {k: v.cpu() for k, v in q.observer.observation().items()}])
         q(x.to(device) * 2)
         samples[device] = q.sample()
         q.mode = "quant"

@@ -10,7 +10,7 @@ from qaf.config import ConfigError
 from qaf.methods.base import CompressContext
 from qaf.methods.ptq import PTQ
 from qaf.calib import observing_activations, run_passes
-from qaf.quant.modules import QuantLayer, set_act_mode
+from qaf.quant.modules import QuantLayer
 from qaf.quant.policy import LayerPolicy
 
 
@@ -45,10 +45,8 @@ def test_observe_then_quant_is_close_to_float_at_8_bits(clip) -> None:
     model, ref = net(), net()
     x = torch.randn(32, 3, 8, 8)
     PTQ(bits=8, act_bits=8, clip=clip, act_clip=clip).compress(model, ctx())
-    set_act_mode(model, "observe")
-    with torch.no_grad():
+    with torch.no_grad(), observing_activations(model):
         model(x)
-    set_act_mode(model, "quant")
     with torch.no_grad():
         out, want = model(x), ref(x)
     assert not torch.equal(out, want)

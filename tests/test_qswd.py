@@ -366,23 +366,19 @@ def test_storage_of_vq_and_bitmap_patterns():
     assert ("index", 48, 0) in dense.storage()
 
 
-def test_integer_codes_regenerate_the_weight():
+def test_artifact_record_stores_codes_that_regenerate_the_weight():
+    from qaf.export.artifact import _Reader, _Writer
+
     conv = _conv()
     res = qswd(weight_to_matrix(conv.weight.detach(), "row"), 4, 2, dict_bits=4, code_bits=3)
     layer = QSWDConv2d(conv, res, "row", weight_bits=6)
-    codes = layer.integer_codes()
-    assert codes["values"].dtype == torch.int32 and codes["dictionary"].dtype == torch.int32
-    assert int(codes["values"].abs().max()) <= 4 and int(codes["dictionary"].abs().max()) <= 8
-
-    def dequant(name):
-        return (codes[name].double() - codes[f"{name}_zero_point"]) * codes[f"{name}_scale"]
-
-    z = torch.zeros(6, 4, dtype=torch.float64).scatter_(1, codes["index"], dequant("values"))
-    weight = matrix_to_weight(z @ dequant("dictionary"), conv.weight.shape, "row")
-    step, zp = codes["weight_scale"].double(), codes["weight_zero_point"].double()
-    weight = (torch.round(weight / step) + zp).clamp(-32, 31).sub(zp).mul(step)
-    assert torch.allclose(weight.float(), layer.weight, atol=1e-6)
-    assert torch.equal(codes["bias"], conv.bias.detach())
+    writer = _Writer()
+    record = layer.export_record("layer", writer)
+    assert record["values"] == record["dictionary"] == "codes" and record["grids"]["weight"][:2] == [-32, 31]
+    assert [writer.entries[f"layer.{part}_codes"]["bits"] for part in ("values", "dictionary")] == [3, 4]
+    back = QSWDConv2d.from_record("layer", record, _conv(), _Reader(writer.tensors, writer.entries))
+    assert torch.equal(back.index, layer.index) and torch.equal(back.bias, conv.bias)
+    assert torch.equal(back.weight, layer.weight)
 
 
 def test_fine_tuning_moves_values_not_pattern_or_grids():

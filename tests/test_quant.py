@@ -10,8 +10,10 @@ from torch import nn
 
 from qaf.config import ConfigError
 from qaf.quant.clip import ACIQ_LAPLACE, ACIQ_LAPLACE_RELU, aciq_laplace_constant
-from qaf.quant.modules import ActQuantizer, QuantLayer, quantize_model, set_act_mode
-from qaf.quant.uniform import correct_mean, fake_quantize, make_grid
+from qaf.calib import observing_activations
+from qaf.quant.modules import ActQuantizer, QuantLayer, quantize_model
+from qaf.quant.observer import batch_index
+from qaf.quant.uniform import Grid, correct_mean, make_grid
 
 BITS = [2, 3, 4, 8]
 # (make_grid kwargs, expected number of levels as a function of bits)
@@ -43,6 +45,15 @@ def mse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b) ** 2).mean())
 
 
+def fake_quantize(x: torch.Tensor, bits: int, **kwargs) -> torch.Tensor:
+    return make_grid(x, bits, **kwargs)(x)
+
+
+def levels(grid: Grid) -> torch.Tensor:
+    """All levels of a per-tensor grid, ascending."""
+    return (torch.arange(grid.qmin, grid.qmax + 1, dtype=grid.scale.dtype) - grid.zero_point) * grid.scale
+
+
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_number_of_levels(bits: int, kind: str) -> None:
@@ -54,18 +65,18 @@ def test_number_of_levels(bits: int, kind: str) -> None:
     grid = make_grid(x, bits, clip="minmax", **kwargs)
     assert grid.num_levels == expected(bits)
     # every level is a fixed point (the full-range symmetric grid's lowest level lies one step past -alpha)
-    assert torch.unique(grid(torch.cat([x, grid.levels()]))).numel() == expected(bits)
-    assert grid.levels().numel() == expected(bits)
+    assert torch.unique(grid(torch.cat([x, levels(grid)]))).numel() == expected(bits)
+    assert levels(grid).numel() == expected(bits)
 
 
 @pytest.mark.parametrize("bits", [2, 4])
 def test_zero_is_a_level_except_on_the_zero_free_grid(bits: int) -> None:
     x = torch.randn(1000)
     for kind in ("symmetric", "affine"):
-        assert (make_grid(x, bits, clip="minmax", **KINDS[kind][0]).levels() == 0).any()
-    levels = make_grid(x, bits, clip="minmax", symmetric=True, zero_free=True).levels()
-    assert not (levels == 0).any()
-    assert torch.allclose(levels, -levels.flip(0))  # symmetric about 0
+        assert (levels(make_grid(x, bits, clip="minmax", **KINDS[kind][0])) == 0).any()
+    zero_free = levels(make_grid(x, bits, clip="minmax", symmetric=True, zero_free=True))
+    assert not (zero_free == 0).any()
+    assert torch.allclose(zero_free, -zero_free.flip(0))  # symmetric about 0
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -220,9 +231,8 @@ def test_quantize_model_marks_bits_and_reports() -> None:
     assert torch.unique(net[8].layer.weight).numel() <= 255
     assert report[0]["shape"] == [8, 8, 3, 3] and report[0]["weight_quantized"]
     x = torch.randn(4, 3, 8, 8)
-    set_act_mode(net, "observe")
-    net(x)
-    set_act_mode(net, "quant")
+    with observing_activations(net):
+        net(x)
     assert net(x).shape == (4, 5)
 
 
@@ -234,8 +244,6 @@ def test_quant_layer_rejects_other_layers() -> None:
 def test_observation_is_independent_of_batch_order_and_merges_exactly() -> None:
     # Bottom-k subsampling keyed by batch index: two "ranks" seeing alternate batches, merged,
     # give exactly what one process seeing all batches gets.
-    from qaf.quant.modules import batch_index
-
     batches = [torch.randn(4, 3, 8, 8) * (i + 1) for i in range(6)]
     single, rank0, rank1 = (ActQuantizer(4, max_samples=300, per_batch=100, seed=3) for _ in range(3))
     for q in (single, rank0, rank1):
@@ -244,7 +252,7 @@ def test_observation_is_independent_of_batch_order_and_merges_exactly() -> None:
         with batch_index(i):
             single(x)
             (rank0 if i % 2 == 0 else rank1)(x)
-    rank0.merge([rank0.observation(), rank1.observation()])
+    rank0.observer.merge([rank0.observer.observation(), rank1.observer.observation()])
     assert torch.equal(single.sample(), rank0.sample())
     single.mode = rank0.mode = "quant"
     assert torch.equal(single.grid.scale, rank0.grid.scale)

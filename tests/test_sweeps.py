@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from qaf.report import build_report
-from qaf.report.collect import FAILED, KILLED, NOT_STARTED, OK, collect_sweep
+from qaf.report.collect import KILLED, OK, collect_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.eval_samples=64", "data.calib_samples=64", "logger=csv", "progress=false"]

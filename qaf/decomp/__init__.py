@@ -14,7 +14,7 @@ from qaf.decomp.cp import (
     weight_to_tensor,
 )
 from qaf.decomp.epc import EPCResult, cp_epc
-from qaf.decomp.layers import CPConv2d, CPLinear, factorized_layer
+from qaf.decomp.layers import CPConv2d, CPLinear
 
 __all__ = [
     "ADMMResult",
@@ -29,7 +29,6 @@ __all__ = [
     "cp_epc",
     "cp_rank",
     "cp_to_tensor",
-    "factorized_layer",
     "init_factors",
     "max_rate",
     "relative_error",

@@ -8,18 +8,21 @@ or linear layer ``W = A B^T`` becomes two layers (Cin -> R, R -> Cout).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
+from qaf.layer_type import LayerType, TensorReader, TensorWriter
 from qaf.quant.modules import QuantLayer
 
-__all__ = ["CPConv2d", "CPLinear", "factorized_layer"]
+__all__ = ["CPConv2d", "CPLinear"]
 
 #: Run CP convs in channels_last during CPU inference (exact; False restores the plain path).
 CHANNELS_LAST_ON_CPU = True
 
 
-class CPConv2d(nn.Module):
+class CPConv2d(LayerType):
     """A conv layer given by rank-R CP factors, as three convolutions.
 
     Parameters
@@ -31,7 +34,8 @@ class CPConv2d(nn.Module):
         ``[A (Cout, R), B (Cin, R), C (kh*kw, R)]``.
     """
 
-    qaf_factorized = True  # BOPs: counted per layer, not by the unfactorized-baseline convention
+    kind = "cp_conv2d"
+    factorized = True
 
     def __init__(self, conv: nn.Conv2d, factors: list[Tensor]):
         super().__init__()
@@ -39,7 +43,7 @@ class CPConv2d(nn.Module):
             raise ValueError("CPConv2d needs a conv with groups == 1")
         a, b, c = factors
         kh, kw = conv.kernel_size
-        rank = a.shape[1]
+        self.rank = rank = a.shape[1]
         if a.shape[0] != conv.out_channels or b.shape[0] != conv.in_channels or c.shape[0] != kh * kw:
             raise ValueError("factor shapes do not match the conv weight")
         kw_args = {"device": conv.weight.device, "dtype": conv.weight.dtype}
@@ -55,6 +59,15 @@ class CPConv2d(nn.Module):
             self.pointwise_out.weight.copy_(a.reshape(conv.out_channels, rank, 1, 1))
             if conv.bias is not None:
                 self.pointwise_out.bias.copy_(conv.bias)
+
+    def export_record(self, name: str, writer: TensorWriter) -> dict[str, Any]:
+        return {"rank": self.rank}  # the sub-convs have records or float tensors of their own
+
+    @classmethod
+    def from_record(cls, name: str, record: dict[str, Any], current: nn.Module, reader: TensorReader) -> nn.Module:
+        kh, kw = current.kernel_size
+        sizes = (current.out_channels, current.in_channels, kh * kw)
+        return cls(current, [current.weight.new_zeros(n, record["rank"]) for n in sizes])
 
     def forward(self, x: Tensor) -> Tensor:
         if not (CHANNELS_LAST_ON_CPU and x.dim() == 4 and x.device.type == "cpu" and not torch.is_grad_enabled()):
@@ -73,7 +86,7 @@ class CPConv2d(nn.Module):
         return y if x.is_contiguous(memory_format=torch.channels_last) else y.contiguous()
 
 
-class CPLinear(nn.Module):
+class CPLinear(LayerType):
     """A linear layer (or 1x1 conv) ``W = A B^T`` as two layers of width R.
 
     Parameters
@@ -85,12 +98,13 @@ class CPLinear(nn.Module):
         ``[A (Cout, R), B (Cin, R)]``.
     """
 
-    qaf_factorized = True
+    kind = "cp_linear"
+    factorized = True
 
     def __init__(self, layer: nn.Linear | nn.Conv2d, factors: list[Tensor]):
         super().__init__()
         a, b = factors
-        rank = a.shape[1]
+        self.rank = rank = a.shape[1]
         bias = layer.bias is not None
         kw_args = {"device": layer.weight.device, "dtype": layer.weight.dtype}
         first: nn.Module
@@ -113,14 +127,14 @@ class CPLinear(nn.Module):
                 second.bias.copy_(layer.bias)
         self.first, self.second = first, second
 
+    def export_record(self, name: str, writer: TensorWriter) -> dict[str, Any]:
+        return {"rank": self.rank}
+
+    @classmethod
+    def from_record(cls, name: str, record: dict[str, Any], current: nn.Module, reader: TensorReader) -> nn.Module:
+        cout, cin = current.weight.shape[:2]
+        return cls(current, [current.weight.new_zeros(cout, record["rank"]), current.weight.new_zeros(cin, record["rank"])])
+
     def forward(self, x: Tensor) -> Tensor:
         return self.second(self.first(x))
 
-
-def factorized_layer(layer: nn.Module, factors: list[Tensor]) -> nn.Module:
-    """The CP replacement of ``layer``: :class:`CPConv2d` for 3 factors, else :class:`CPLinear`."""
-    if len(factors) == 3:
-        if not isinstance(layer, nn.Conv2d):
-            raise ValueError("3 factors need an nn.Conv2d")
-        return CPConv2d(layer, factors)
-    return CPLinear(layer, factors)

@@ -11,13 +11,16 @@ stay fixed while the values move.  In eval mode the generated weight is cached.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from qaf.decomp.qswd import QSWDResult, matrix_to_weight, sparse_product, weight_to_matrix
-from qaf.quant.uniform import Grid, make_grid
+from qaf.layer_type import LayerType, TensorReader, TensorWriter
+from qaf.quant.qdq import DequantizedWeight, LoweredLayer
+from qaf.quant.uniform import Grid, make_grid, same_bits
 
 __all__ = ["QSWDConv2d", "QSWDLinear"]
 
@@ -34,7 +37,7 @@ def _ste(x: Tensor, grid: Grid | None) -> Tensor:
     return x if grid is None else grid.ste(x)
 
 
-class _QSWDLayer(nn.Module):
+class _QSWDLayer(LayerType):
     """Weight generation, caching, export and storage shared by the conv and linear layers.
 
     Parameters
@@ -51,7 +54,7 @@ class _QSWDLayer(nn.Module):
         Bits of the per-tensor symmetric grid of the generated weight (MSE clip); None: float.
     """
 
-    qaf_factorized = True  # BOPs: counted per layer, not by the unfactorized-baseline convention
+    factorized = True
 
     def __init__(
         self, weight: Tensor, bias: Tensor | None, result: QSWDResult, block: str, weight_bits: int | None
@@ -116,33 +119,6 @@ class _QSWDLayer(nn.Module):
         self._cache = None  # .to(), .half(), ... replace the tensors the cache was made from
         return super()._apply(fn, *args, **kwargs)
 
-    def integer_codes(self) -> dict[str, Tensor]:
-        """The integers and scales that determine the layer (for export).
-
-        Returns
-        -------
-        dict of str to Tensor
-            ``index`` (n, s) long; ``values`` (n, s) and ``dictionary`` (k, d) as int32 codes on
-            their grids, or float where there is no grid (``values`` is absent for unit codes: all
-            ones); ``<name>_scale`` / ``<name>_zero_point`` of each grid (``weight`` included);
-            ``bias`` when present. ``(code - zero_point) * scale`` gives the dequantized values.
-        """
-        out = {"index": self.index}
-        for name in ("dictionary",) if self.unit_codes else ("values", "dictionary"):
-            tensor, grid = getattr(self, name).detach(), self.grid(name)
-            if grid is None:
-                out[name] = tensor.clone()
-            else:
-                q = torch.round(tensor / grid.scale) + grid.zero_point
-                out[name] = q.clamp_(grid.qmin, grid.qmax).to(torch.int32)
-        for name in _GRIDDED:
-            if name in self._ranges:
-                out[f"{name}_scale"] = getattr(self, f"{name}_scale")
-                out[f"{name}_zero_point"] = getattr(self, f"{name}_zero_point")
-        if self.bias is not None:
-            out["bias"] = self.bias.detach()
-        return out
-
     def storage(self) -> list[tuple[str, int, int]]:
         """What the layer stores: ``(name, entries, bits per entry)`` per tensor.
 
@@ -164,6 +140,83 @@ class _QSWDLayer(nn.Module):
             entries.append(("bias", self.bias.numel(), 32))
         return entries
 
+    def export_record(self, name: str, writer: TensorWriter) -> dict[str, Any]:
+        """Code values and dictionary as codes on their grids (float without one), the atom indices
+        as cheaply as :meth:`storage` counts them, the three grids and the bias."""
+        (n, s), k = self.index.shape, self.dictionary.shape[0]
+        record: dict[str, Any] = {"block": self.block, "unit_codes": self.unit_codes, "n": n, "s": s, "k": k,
+                                  "grids": {}, "bias": self.bias is not None}
+        for part in _GRIDDED:
+            grid = self.grid(part)
+            if grid is not None:
+                record["grids"][part] = writer.grid(f"{name}.{part}", grid.to("cpu"), always_zero_point=True)
+        for part in ("dictionary",) if self.unit_codes else ("values", "dictionary"):
+            tensor, grid = getattr(self, part).detach().cpu(), self.grid(part)
+            if grid is None:
+                writer.float(f"{name}.{part}", tensor)
+            else:
+                grid = grid.to("cpu")
+                writer.codes(f"{name}.{part}_codes", grid.codes(tensor), grid.qmin, grid.qmax)
+            record[part] = "float" if grid is None else "codes"
+        index = self.index.cpu()
+        index_bits = 0 if s == k else math.ceil(math.log2(k))
+        ascending = bool((index[:, 1:] > index[:, :-1]).all()) if s > 1 else True
+        if index_bits == 0 and bool((index == torch.arange(k)).all()):
+            record["index"] = "dense"
+        elif index_bits * s > k and ascending:
+            writer.codes(f"{name}.bitmap", torch.zeros(n, k, dtype=torch.long).scatter_(1, index, 1), 0, 1)
+            record["index"] = "bitmap"
+        else:
+            writer.codes(f"{name}.index", index, 0, (1 << max(index_bits, (k - 1).bit_length())) - 1)
+            record["index"] = "packed"
+        if self.bias is not None:
+            writer.float(f"{name}.bias", self.bias)
+        return record
+
+    @classmethod
+    def from_record(cls, name: str, record: dict[str, Any], current: nn.Module, reader: TensorReader) -> nn.Module:
+        n, s, k = record["n"], record["s"], record["k"]
+        grids = {part: reader.grid(f"{name}.{part}", spec) for part, spec in record["grids"].items()}
+
+        def part(key: str) -> Tensor:
+            if record[key] == "float":
+                return reader.float(f"{name}.{key}")
+            return grids[key].dequantize(reader.codes(f"{name}.{key}_codes"))
+
+        if record["index"] == "dense":
+            index = torch.arange(k).expand(n, k).clone()
+        elif record["index"] == "bitmap":
+            index = torch.nonzero(reader.codes(f"{name}.bitmap").bool())[:, 1].reshape(n, s)
+        else:
+            index = reader.codes(f"{name}.index")
+        dictionary = part("dictionary")
+        values = torch.ones(n, s, dtype=dictionary.dtype) if record["unit_codes"] else part("values")
+        result = QSWDResult(index, values, dictionary, grids.get("values"), grids.get("dictionary"),
+                            record["unit_codes"], 0.0, 0, 0)
+        layer = cls(current, result, record["block"], weight_bits=None)
+        if "weight" in grids:
+            layer._set_grid("weight", grids["weight"])
+        layer._cache = None
+        if record["bias"]:
+            with torch.no_grad():
+                layer.bias.copy_(reader.float(f"{name}.bias"))
+        return layer
+
+    def onnx_module(self) -> nn.Module:
+        """One dense conv / linear layer on the regenerated weight's codes (the sparse factors are
+        the artifact's business)."""
+        with torch.no_grad():
+            weight = self.weight.detach().cpu()
+        lowered: DequantizedWeight | Tensor = weight
+        grid = self.grid("weight")
+        if grid is not None:
+            grid = grid.to("cpu")
+            codes = grid.codes(weight)
+            if same_bits(grid.dequantize(codes, weight.dtype), weight):
+                lowered = DequantizedWeight(grid, codes)
+        conv = (self.stride, self.padding, self.dilation, 1) if isinstance(self, QSWDConv2d) else None
+        return LoweredLayer(lowered, self.bias, conv)
+
 
 class QSWDConv2d(_QSWDLayer):
     """A conv layer whose weight is generated from QSWD factors (see the module doc).
@@ -180,6 +233,8 @@ class QSWDConv2d(_QSWDLayer):
     weight_bits : int or None
         Bits of the generated weight's grid (fitted once here); None: not quantized.
     """
+
+    kind = "qswd_conv2d"
 
     def __init__(self, conv: nn.Conv2d, result: QSWDResult, block: str = "kernel", weight_bits: int | None = 8):
         if conv.groups != 1 or conv.padding_mode != "zeros":
@@ -201,6 +256,8 @@ class QSWDLinear(_QSWDLayer):
 
     Parameters are those of :class:`QSWDConv2d`, with ``linear`` the layer being replaced.
     """
+
+    kind = "qswd_linear"
 
     def __init__(self, linear: nn.Linear, result: QSWDResult, block: str = "row", weight_bits: int | None = 8):
         super().__init__(linear.weight, linear.bias, result, block, weight_bits)

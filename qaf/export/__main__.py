@@ -5,7 +5,8 @@ keys such as the cache folder and device from ``.hydra/config.yaml``; factorizat
 factor cache when the run filled it), then ``model.qaf.safetensors`` (and ``model.onnx`` with
 ``--onnx``) is written into RUN_DIR. Unless ``--no-check``, the reloaded artifact (and the ONNX
 model under onnxruntime) is scored on the run's evaluation set and compared with the run's top-1.
-Prints one JSON object; exits 1 when the artifact's top-1 differs from the run's.
+Prints one JSON object; exits 1 when the artifact's top-1 differs from the run's, 2 (one line on
+stderr) when the run or its model cannot be exported.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
+from qaf.config import ConfigError
 from qaf.export import ONNX_NAME, export_run, load
 from qaf.export.rerun import compressed_model, config_of_run, top1
 
@@ -33,9 +35,13 @@ def main(argv: list[str] | None = None) -> dict:
     if not (run_dir / "metrics.json").is_file():
         parser.error(f"{run_dir} holds no metrics.json")
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    cfg = config_of_run(run_dir, cache_dir=args.cache_dir, device=args.device)
-    model, data = compressed_model(cfg)
-    result = export_run(model, cfg, run_dir, data.input_size, metrics, artifact=True, onnx=args.onnx)
+    try:
+        cfg = config_of_run(run_dir, cache_dir=args.cache_dir, device=args.device)
+        model, data = compressed_model(cfg)
+        result = export_run(model, cfg, run_dir, data.input_size, metrics, artifact=True, onnx=args.onnx)
+    except ConfigError as err:
+        print(f"qaf.export: {err}", file=sys.stderr)
+        sys.exit(2)
     result["run_top1"] = metrics.get("top1")
     if not args.no_check:
         loader = data.eval_loader()

@@ -6,8 +6,9 @@ layers, wrappers and shared modules are counted as they really run:
 - ``Conv2d``: H_out * W_out * C_out * (C_in / groups) * k_h * k_w
 - ``Linear``: out_features * in_features (per sample)
 - ``BatchNorm2d``: 2 * C * H * W (a scale and a shift per element)
-- a module with a ``macs(output)`` method (e.g. QSWD layers, which run a dense conv on a
-  generated weight): what it says
+- a layer type whose ``macs(output)`` (:class:`qaf.layer_type.LayerType`) is not None (e.g.
+  QSWD layers, which run a dense conv on a generated weight): what it says; other layer types
+  (quantized, CP layers) are counted through their sub-layers
 - ReLU, pooling and everything else: 0
 
 BOPs = sum over layers of MACs * weight bits * input-activation bits, with the bits read from
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from qaf.layer_type import LayerType
 
 FLOAT_BITS = (32, 32)
 _COUNTED = (nn.Conv2d, nn.Linear, nn.BatchNorm2d)
@@ -40,9 +43,9 @@ class LayerCost:
         return self.macs * self.w_bits * self.a_bits
 
 
-def _macs(module: nn.Module, output: torch.Tensor) -> int:
-    if callable(getattr(module, "macs", None)):  # a layer that computes a conv/linear its own way
-        return int(module.macs(output))
+def _macs(module: nn.Module, output: torch.Tensor) -> int | None:
+    if isinstance(module, LayerType):  # None: its sub-layers are counted
+        return module.macs(output)
     per_sample = output[0].numel()
     if isinstance(module, nn.Conv2d):
         kh, kw = module.kernel_size
@@ -72,11 +75,12 @@ def layer_costs(model: nn.Module, input_size: tuple[int, ...]) -> list[LayerCost
     names = {module: name for name, module in model.named_modules()}
 
     def hook(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
-        w_bits, a_bits = getattr(module, "qaf_bits", FLOAT_BITS)
-        costs.append(LayerCost(names[module], type(module).__name__, _macs(module, output), w_bits, a_bits))
+        macs = _macs(module, output)
+        if macs is not None:
+            w_bits, a_bits = getattr(module, "qaf_bits", FLOAT_BITS)
+            costs.append(LayerCost(names[module], type(module).__name__, int(macs), w_bits, a_bits))
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, _COUNTED) or callable(getattr(m, "macs", None))]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (*_COUNTED, LayerType))]
     was_training = model.training
     try:
         param = next(model.parameters(), None)
@@ -130,6 +134,6 @@ def paper_bops_pct(model: nn.Module, costs: list[LayerCost], fp32_macs: int, bit
     """
     if not any(c.w_bits != FLOAT_BITS[0] or c.a_bits != FLOAT_BITS[1] for c in costs):
         return 100.0
-    if any(getattr(m, "qaf_factorized", False) for m in model.modules()):
+    if any(isinstance(m, LayerType) and m.factorized for m in model.modules()):
         return bops_pct(total_bops(costs), fp32_macs)
     return 100.0 * bits * act_bits / (FLOAT_BITS[0] * FLOAT_BITS[1])

@@ -2,10 +2,11 @@
 
 The same rule for every method, so sizes compare across PTQ grids, CP factors and QSWD factors:
 
-- a module with a ``storage()`` method (quantized layers, QSWD layers) lists its own tensors as
+- a layer type whose ``storage()`` (:class:`qaf.layer_type.LayerType`) is not None (quantized
+  layers, activation quantizers, QSWD layers) lists its tensors and those of its sub-modules as
   ``(name, entries, bits per entry)``: integer codes at their bit width, indices, scales and zero
-  points (32 bits each), biases and other float leftovers (32 bits);
-- an activation quantizer stores its scale and zero point (2 x 32 bits);
+  points (32 bits each), biases and other float leftovers (32 bits); layer types inside it list
+  their own (a quantized layer's input quantizer: its scale and zero point, 2 x 32 bits);
 - everything else (float layers, batch-norm parameters and running statistics) counts at its
   dtype's width; integer bookkeeping buffers (``num_batches_tracked``) and non-persistent
   buffers are not part of a deployed model.
@@ -14,11 +15,10 @@ The same rule for every method, so sizes compare across PTQ grids, CP factors an
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 
 from torch import nn
 
-from qaf.quant.modules import ActQuantizer
+from qaf.layer_type import LayerType
 
 FLOAT_BITS = 32
 
@@ -40,17 +40,13 @@ def storage_entries(model: nn.Module) -> list[tuple[str, int, int]]:
     covered: list[str] = []
     for name, module in model.named_modules():  # each module once, even when shared
         prefix = f"{name}." if name else ""
-        if isinstance(module, ActQuantizer):
-            if module.grid is not None:
-                entries.append((prefix + "scale_zero_point", 2, FLOAT_BITS))
-            continue
-        if any(name.startswith(c) for c in covered):
-            continue  # inside a module that reported its own storage
-        storage = getattr(module, "storage", None)
-        if callable(storage):
-            entries += [(prefix + n, count, bits) for n, count, bits in storage()]
+        storage = module.storage() if isinstance(module, LayerType) else None
+        if storage is not None:
+            entries += [(prefix + n, count, bits) for n, count, bits in storage]
             covered.append(prefix)
             continue
+        if any(name.startswith(c) for c in covered):
+            continue  # inside a layer that reported its own storage
         tensors = list(module.named_parameters(recurse=False)) + [
             (n, b) for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set]
         entries += [(prefix + n, t.numel(), t.element_size() * 8) for n, t in tensors if t.is_floating_point()]
@@ -61,10 +57,3 @@ def size_bytes(model: nn.Module) -> int:
     """Bytes needed to store ``model`` (bits of :func:`storage_entries`, rounded up to bytes)."""
     return math.ceil(sum(count * bits for _, count, bits in storage_entries(model)) / 8)
 
-
-def size_breakdown(model: nn.Module) -> dict[str, int]:
-    """Bytes by tensor kind (the last part of each name: ``weight``, ``codes``, ``scale``, ...)."""
-    bits: dict[str, int] = defaultdict(int)
-    for name, count, width in storage_entries(model):
-        bits[name.rsplit(".", 1)[-1]] += count * width
-    return {k: math.ceil(v / 8) for k, v in sorted(bits.items())}

@@ -119,3 +119,8 @@ def split_shared_relus(model: nn.Module) -> int:
         module.forward = forward.__get__(module)
         count += 1
     return count
+
+
+def relus_split(model: nn.Module) -> bool:
+    """Whether :func:`split_shared_relus` changed some block of ``model``."""
+    return any(type(m) in _SPLIT and "relu" not in m._modules for m in model.modules())

@@ -1,7 +1,7 @@
-"""Quantization primitives: uniform grids and clip rules, fake-quant modules."""
+"""Quantization primitives: uniform grids and clip rules, observers, fake-quant modules."""
 
-from qaf.quant.modules import ActQuantizer, QuantLayer, quantize_model, set_act_mode
-from qaf.quant.uniform import Grid, correct_mean, fake_quantize, make_grid
+from qaf.quant.modules import ActQuantizer, QuantLayer, quantize_model
+from qaf.quant.observer import Observer
+from qaf.quant.uniform import Grid, correct_mean, make_grid
 
-__all__ = ["ActQuantizer", "Grid", "QuantLayer", "correct_mean", "fake_quantize", "make_grid", "quantize_model",
-           "set_act_mode"]
+__all__ = ["ActQuantizer", "Grid", "Observer", "QuantLayer", "correct_mean", "make_grid", "quantize_model"]

@@ -10,14 +10,14 @@ Laplace rule ``alpha = c_b * E|x - mu|`` of Banner et al.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from scipy.optimize import brentq
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from qaf.quant.uniform import Grid
+#: A fake-quantizer: maps data to its quantized values (``qaf.quant.uniform.Grid`` is one).
+Quantizer = Callable[[Tensor], Tensor]
 
 CLIP_RULES = ("minmax", "mse", "lp", "aciq")
 
@@ -59,13 +59,13 @@ def aciq_laplace_constant(bits: int, unsigned: bool = False) -> float:
     return float(brentq(lambda a: math.exp(-a) - a / denom, 1e-3, 200.0))
 
 
-def lp_error(grid: "Grid", x: Tensor, p: float) -> Tensor:
-    """Mean ``|grid(x) - x|^p`` over the last dimension.
+def lp_error(quantize: Quantizer, x: Tensor, p: float) -> Tensor:
+    """Mean ``|quantize(x) - x|^p`` over the last dimension.
 
     Parameters
     ----------
-    grid : Grid
-        Grid whose scale broadcasts against ``x``.
+    quantize : callable
+        A fake-quantizer (a grid) whose scale broadcasts against ``x``.
     x : Tensor
         Data, reduced over its last dimension.
     p : float
@@ -76,7 +76,7 @@ def lp_error(grid: "Grid", x: Tensor, p: float) -> Tensor:
     Tensor
         Error with the last dimension reduced.
     """
-    diff = (grid(x) - x).abs_()
+    diff = (quantize(x) - x).abs_()
     # Accumulate in float64: the search compares these errors, and float32 sums depend on the
     # thread count (a DDP rank runs with fewer threads), which would flip near-ties.
     if p == 2.0:
@@ -86,7 +86,7 @@ def lp_error(grid: "Grid", x: Tensor, p: float) -> Tensor:
 
 def search_fraction(
     x2d: Tensor,
-    build: Callable[[Tensor], "Grid"],
+    build: Callable[[Tensor], Quantizer],
     p: float,
     coarse: int = 32,
     refine_iters: int = 20,
@@ -99,7 +99,7 @@ def search_fraction(
     x2d : Tensor
         Data of shape (C, N): one row per channel (C = 1 for per-tensor).
     build : callable
-        Maps fractions shaped (K, C, 1) to a Grid whose scale has that shape.
+        Maps fractions shaped (K, C, 1) to a fake-quantizer (a grid) whose scale has that shape.
     p : float
         Norm exponent.
     coarse : int

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import logging
 from typing import Any, Mapping
 
 import torch
@@ -11,37 +10,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qaf.config import ConfigError
-from qaf.quant.uniform import Grid, check_scheme, correct_mean, make_grid
+from qaf.layer_type import LayerType, TensorReader, TensorWriter
+from qaf.quant.observer import Observer
+from qaf.quant.qdq import DequantizedWeight, LoweredLayer, QuantizeDequantize
+from qaf.quant.uniform import Grid, check_scheme, correct_mean, make_grid, same_bits
+
+log = logging.getLogger("qaf")
 
 MODES = ("off", "observe", "quant")
 #: Bit width BatchNorm is counted at in a quantized model (BOPs convention of the issue).
 BN_BITS = (8, 8)
 
 
-_BATCH: list[int | None] = [None]
+class ActQuantizer(LayerType):
+    """Per-tensor activation fake-quantizer whose grid is fitted to what its observer saw.
 
-
-@contextmanager
-def batch_index(index: int) -> Iterator[None]:
-    """Tell observers which calibration batch (single-process numbering) is passing through."""
-    _BATCH.append(index)
-    try:
-        yield
-    finally:
-        _BATCH.pop()
-
-
-class ActQuantizer(nn.Module):
-    """Per-tensor activation fake-quantizer with a clip observed on calibration data.
-
-    Modes: ``"off"`` is the identity; ``"observe"`` records the running min/max and a bounded,
-    deterministic subsample of what passes (identity output); switching to ``"quant"`` fits the
+    Modes: ``"off"`` is the identity; ``"observe"`` passes the input to ``observer``
+    (:class:`qaf.quant.observer.Observer`, identity output); switching to ``"quant"`` fits the
     grid to the observations (unless a grid was set with ``set_grid``) and quantizes from then on.
-
-    The subsample is a bottom-k sample: from each call, ``per_batch`` elements are drawn with a
-    generator seeded by (seed, batch index, call number), each with a random priority, and the
-    ``max_samples`` of lowest priority are kept. It does not depend on the order in which batches
-    arrive, so observations made by several processes merge into exactly the single-process one.
 
     Parameters
     ----------
@@ -55,13 +41,11 @@ class ActQuantizer(nn.Module):
         Unsigned grid over [0, alpha] (post-ReLU inputs).
     p : float
         Exponent for ``clip="lp"``.
-    max_samples : int
-        Bound on the stored subsample (elements).
-    per_batch : int
-        Elements drawn at random from each observed call.
-    seed : int
-        Seed of the subsampling.
+    max_samples, per_batch, seed
+        The observer's subsampling (:class:`qaf.quant.observer.Observer`).
     """
+
+    kind = "act_quantizer"
 
     def __init__(
         self,
@@ -78,17 +62,12 @@ class ActQuantizer(nn.Module):
         super().__init__()
         check_scheme(bits, clip, p, key="act_clip")
         self.bits, self.clip, self.symmetric, self.unsigned, self.p = bits, clip, symmetric, unsigned, p
-        self.max_samples, self.per_batch, self.seed = max_samples, per_batch, seed
+        self.observer = Observer(max_samples, per_batch, seed)
         self._mode = "off"
         self.grid: Grid | None = None
-        self._values = torch.empty(0)
-        self._priority = torch.empty(0)
         self._unfitted = False  # observations made since the grid was last fitted or set
-        self._calls: dict[int, int] = {}  # batch index -> calls seen (a shared quantizer runs twice)
         self._fast_grid: Grid | None = None  # the grid _has_offset was computed for
         self._has_offset = False
-        self.register_buffer("running_min", torch.tensor(float("inf")))
-        self.register_buffer("running_max", torch.tensor(float("-inf")))
 
     @property
     def mode(self) -> str:
@@ -100,86 +79,32 @@ class ActQuantizer(nn.Module):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is invalid: accepted {', '.join(MODES)}")
         if mode == "quant" and (self._unfitted or self.grid is None):
-            self.grid = self._fit()
+            self.grid = make_grid(self.sample(), self.bits, symmetric=self.symmetric, unsigned=self.unsigned,
+                                  clip=self.clip, p=self.p)
             self._unfitted = False
         self._mode = mode
 
     def sample(self) -> Tensor:
-        """The stored subsample in a canonical order, with the observed extremes included."""
-        if not self._values.numel():
-            raise RuntimeError("ActQuantizer has observed nothing: run calibration data in 'observe' mode")
-        self._prune(self.max_samples)
-        order = torch.argsort(self._priority)
-        extremes = torch.stack([self.running_min, self.running_max]).to(self._values.device)
-        return torch.cat([self._values[order], extremes])
+        """The observer's subsample (:meth:`qaf.quant.observer.Observer.sample`)."""
+        return self.observer.sample()
 
-    def observation(self) -> dict[str, Tensor]:
-        """What was observed, as tensors (to merge observations of several processes)."""
-        return {"values": self._values, "priority": self._priority,
-                "min": self.running_min, "max": self.running_max}
-
-    def merge(self, states: list[dict[str, Tensor]]) -> None:
-        """Replace the observation by the union of ``states`` (this process's included)."""
-        device = self.running_min.device
-        self._values = torch.cat([s["values"].to(device) for s in states])
-        # Priorities stay where the CPU generator drew them, so later observations append to them.
-        self._priority = torch.cat([s["priority"].cpu() for s in states])
-        self._prune(self.max_samples)
-        self.running_min.copy_(torch.stack([s["min"].to(device) for s in states]).min())
-        self.running_max.copy_(torch.stack([s["max"].to(device) for s in states]).max())
+    @property
+    def running_max(self) -> Tensor:
+        """The largest value observed."""
+        return self.observer.running_max
 
     def set_grid(self, grid: Grid) -> None:
         """Use ``grid`` as is (a method chose the clip itself); earlier observations will not refit it."""
         self.grid = grid
         self._unfitted = False
 
-    def reset(self) -> None:
-        """Forget observations and grid."""
-        self._values, self._priority = torch.empty(0), torch.empty(0)
-        self._calls.clear()
-        self._unfitted = False
-        self.grid = None
-        self.running_min.fill_(float("inf"))
-        self.running_max.fill_(float("-inf"))
-
-    def _fit(self) -> Grid:
-        return make_grid(
-            self.sample(), self.bits, symmetric=self.symmetric, unsigned=self.unsigned, clip=self.clip, p=self.p
-        )
-
-    def _prune(self, keep: int) -> None:
-        if self._priority.numel() > keep:
-            idx = torch.topk(self._priority, keep, largest=False).indices
-            self._values, self._priority = self._values[idx], self._priority[idx]
-
-    def _observe(self, x: Tensor) -> None:
-        self._unfitted = True
-        flat = x.detach().reshape(-1).float()
-        self.running_min.copy_(torch.minimum(self.running_min, flat.min()))
-        self.running_max.copy_(torch.maximum(self.running_max, flat.max()))
-        batch = _BATCH[-1] if _BATCH[-1] is not None else len(self._calls)
-        call = self._calls.get(batch, 0)
-        self._calls[batch] = call + 1
-        # hash() of a tuple of ints is the same in every process (PYTHONHASHSEED only salts str/bytes).
-        gen = torch.Generator().manual_seed(hash((self.seed, batch, call)) & ((1 << 63) - 1))
-        count = min(self.per_batch, flat.numel())
-        idx = torch.randint(flat.numel(), (count,), generator=gen) if count < flat.numel() else torch.arange(count)
-        priority = torch.rand(count, generator=gen)
-        values = flat[idx.to(flat.device)]
-        if not self._values.numel():
-            self._values, self._priority = values.new_empty(0), priority.new_empty(0)
-        self._values = torch.cat([self._values.to(flat.device), values])
-        self._priority = torch.cat([self._priority, priority])
-        if self._priority.numel() > 2 * self.max_samples:  # amortised: prune only now and then
-            self._prune(self.max_samples)
-
     def forward(self, x: Tensor, inplace: bool = False) -> Tensor:
         """Quantize ``x`` (mode ``quant``); ``inplace=True`` may overwrite ``x`` (a caller's private tensor)."""
         if self._mode == "off":
             return x
         if self._mode == "observe":
-            self._observe(x)
-            return x
+            self._unfitted = True
+            return self.observer(x)
         grid = self.grid
         assert grid is not None
         if grid.scale.device != x.device:
@@ -209,12 +134,47 @@ class ActQuantizer(nn.Module):
             v.add_(grid._offset)
         return v.round_().add_(grid._zp_int).clamp_(grid.qmin, grid.qmax).sub_(grid.zero_point).mul_(grid.scale)
 
+    @property
+    def scheme(self) -> str:
+        """``"unsigned"``, ``"symmetric"`` or ``"affine"``."""
+        return "unsigned" if self.unsigned else "symmetric" if self.symmetric else "affine"
+
     def extra_repr(self) -> str:
-        kind = "unsigned" if self.unsigned else "symmetric" if self.symmetric else "affine"
-        return f"bits={self.bits}, clip={self.clip}, {kind}, mode={self._mode}"
+        return f"bits={self.bits}, clip={self.clip}, {self.scheme}, mode={self._mode}"
+
+    def storage(self) -> list[tuple[str, int, int]]:
+        """Its grid's scale and zero point (the observations are calibration state, not stored)."""
+        return [("scale_zero_point", 2, 32)] if self.grid is not None else []
+
+    def export_record(self, name: str, writer: TensorWriter) -> dict[str, Any]:
+        record = {"bits": self.bits, "scheme": self.scheme, "clip": self.clip, "p": self.p, "mode": self.mode}
+        if self.grid is not None:
+            grid = self.grid.to("cpu")
+            if grid.scale.dim() != 0:
+                raise NotImplementedError(f"activation quantizer {name} has a per-channel grid")
+            writer.float(f"{name}.scale_zero_point", torch.stack([grid.scale.float(), grid.zero_point.float()]))
+            record["grid"] = [grid.qmin, grid.qmax]
+        return record
+
+    @classmethod
+    def from_record(cls, name: str, record: dict[str, Any], current: nn.Module, reader: TensorReader) -> nn.Module:
+        q = cls(record["bits"], clip=record["clip"], symmetric=record["scheme"] == "symmetric",
+                unsigned=record["scheme"] == "unsigned", p=record["p"])
+        if "grid" in record:
+            pair = reader.float(f"{name}.scale_zero_point")
+            q.set_grid(Grid(pair[0].clone(), pair[1].clone(), *record["grid"]))
+        q._mode = record["mode"] if record["mode"] != "observe" else "off"
+        return q
+
+    def onnx_module(self) -> nn.Module:
+        if self.mode == "observe":
+            raise RuntimeError("an activation quantizer is still observing: calibrate the model first")
+        if self.mode == "off" or self.grid is None:
+            return nn.Identity()
+        return QuantizeDequantize(self.grid.to("cpu"))
 
 
-class QuantLayer(nn.Module):
+class QuantLayer(LayerType):
     """A Conv2d/Linear with fake-quantized weight and input activations.
 
     The weight is quantized once (into ``layer.weight``); the float weight is kept (non-persistent
@@ -239,6 +199,8 @@ class QuantLayer(nn.Module):
         Use this module for the input: a shared ``ActQuantizer`` (layers reading the same tensor),
         or ``nn.Identity()`` when the input is quantized upstream (e.g. at a ReLU output).
     """
+
+    kind = "quant_layer"
 
     def __init__(
         self,
@@ -306,6 +268,82 @@ class QuantLayer(nn.Module):
             out.append(("bias", self.layer.bias.numel(), 32))
         return out
 
+    def weight_codes(self) -> tuple[Grid, Tensor, Tensor | None] | None:
+        """The weight as codes on its grid: ``(grid, codes, offset)`` (on the CPU) with the weight equal to
+        ``grid.dequantize(codes) - offset`` (offset None: 0) bit for bit; None when no grid gives it."""
+        if self.weight_grid is None:
+            return None
+        weight = self.layer.weight.detach()
+        grid = self.weight_grid.to(weight.device)
+        offset = getattr(self, "qaf_weight_offset", None) if self.bias_correction else None  # a loaded model's
+        if not self.bias_correction:
+            source = weight
+        elif offset is None:  # LAPQ: the weight is grid(weight_fp) shifted per channel (correct_mean)
+            source = self.weight_fp.detach()
+        else:
+            source = weight + offset.to(weight.device)
+        codes = grid.codes(source)
+        w_q = grid.dequantize(codes, weight.dtype)
+        if self.bias_correction:
+            if offset is None:  # the very tensor correct_mean subtracts
+                dims = list(range(1, weight.dim()))
+                offset = w_q.mean(dims, keepdim=True) - source.mean(dims, keepdim=True)
+            w_q = w_q - offset.to(weight.device)
+        if not same_bits(w_q, weight):
+            log.warning("%s: the weight is not its grid's dequantized codes bit for bit; exported in float",
+                        type(self).__name__)
+            return None
+        return grid.to("cpu"), codes.cpu(), None if offset is None else offset.cpu()
+
+    def export_record(self, name: str, writer: TensorWriter) -> dict[str, Any]:
+        layer = self.layer
+        record: dict[str, Any] = {"w_bits": self.w_bits, "a_bits": self.a_bits, "weight": "float",
+                                  "bias_correction": self.bias_correction, "bias": layer.bias is not None}
+        codes = self.weight_codes()
+        if codes is None:
+            writer.float(f"{name}.weight", layer.weight)
+        else:
+            grid, q, offset = codes
+            record.update(weight="codes", grid=writer.grid(f"{name}.weight", grid))
+            writer.codes(f"{name}.weight_codes", q, grid.qmin, grid.qmax)
+            if offset is not None:
+                writer.float(f"{name}.weight_offset", offset)
+        if layer.bias is not None:
+            writer.float(f"{name}.bias", layer.bias)
+        return record
+
+    @classmethod
+    def from_record(cls, name: str, record: dict[str, Any], current: nn.Module, reader: TensorReader) -> nn.Module:
+        grid = offset = None
+        with torch.no_grad():
+            if record["weight"] == "codes":
+                grid = reader.grid(f"{name}.weight", record["grid"])
+                weight = grid.dequantize(reader.codes(f"{name}.weight_codes"), current.weight.dtype)
+                if record["bias_correction"]:
+                    offset = reader.float(f"{name}.weight_offset")
+                    weight = weight - offset
+            else:
+                weight = reader.float(f"{name}.weight")
+            current.weight.copy_(weight)
+            if record["bias"]:
+                current.bias.copy_(reader.float(f"{name}.bias"))
+        # The input module is rebuilt from its own record (or stays the identity).
+        layer = cls(current, record["w_bits"], record["a_bits"], weight_grid=grid, fit_weight=False, act=nn.Identity())
+        layer.bias_correction = record["bias_correction"]
+        if offset is not None:
+            layer.qaf_weight_offset = offset  # the weight is its codes minus this (re-export needs it)
+        return layer
+
+    def onnx_module(self) -> nn.Module:
+        layer = self.layer
+        codes = self.weight_codes()
+        weight = DequantizedWeight(*codes) if codes is not None else layer.weight
+        if isinstance(layer, nn.Linear):
+            return LoweredLayer(weight, layer.bias, act=self.act)
+        if layer.padding_mode != "zeros":
+            raise NotImplementedError(f"padding_mode={layer.padding_mode!r} does not lower to ONNX")
+        return LoweredLayer(weight, layer.bias, (layer.stride, layer.padding, layer.dilation, layer.groups), self.act)
+
     def forward(self, x: Tensor, inplace: bool = False) -> Tensor:
         """``inplace=True``: ``x`` is the caller's private tensor, the input quantizer may overwrite it."""
         x = self.act(x, inplace=True) if inplace and isinstance(self.act, ActQuantizer) else self.act(x)
@@ -366,18 +404,24 @@ def quantize_model(
     return report
 
 
-class QuantInput(nn.Module):
+class QuantInput(LayerType):
     """Any layer (e.g. a QSWD layer) with its input fake-quantized by ``act``."""
 
-    def __init__(self, module: nn.Module, act: ActQuantizer):
+    kind = "quant_input"
+
+    def __init__(self, module: nn.Module, act: nn.Module):
         super().__init__()
         self.module, self.act = module, act
 
     def forward(self, x: Tensor) -> Tensor:
         return self.module(self.act(x))
 
+    @classmethod
+    def from_record(cls, name: str, record: dict[str, Any], current: nn.Module, reader: TensorReader) -> nn.Module:
+        return cls(current, nn.Identity())  # ``act`` is rebuilt from its own record
 
-class QuantReLU(nn.Module):
+
+class QuantReLU(LayerType):
     """A ReLU whose output is quantized: every consumer (identity shortcuts included) reads it.
 
     Parameters
@@ -388,12 +432,18 @@ class QuantReLU(nn.Module):
         The quantizer of its output.
     """
 
-    def __init__(self, relu: nn.Module, act: ActQuantizer):
+    kind = "quant_relu"
+
+    def __init__(self, relu: nn.Module, act: nn.Module):
         super().__init__()
         self.relu, self.act = relu, act
 
     def forward(self, x: Tensor) -> Tensor:
         return self.act(self.relu(x))
+
+    @classmethod
+    def from_record(cls, name: str, record: dict[str, Any], current: nn.Module, reader: TensorReader) -> nn.Module:
+        return cls(current, nn.Identity())  # ``act`` is rebuilt from its own record
 
 
 @torch.no_grad()
@@ -450,9 +500,3 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 def act_quantizers(model: nn.Module) -> list[ActQuantizer]:
     """All distinct ``ActQuantizer`` modules of ``model``."""
     return [m for m in model.modules() if isinstance(m, ActQuantizer)]
-
-
-def set_act_mode(model: nn.Module, mode: str) -> None:
-    """Set the mode of every ``ActQuantizer`` in ``model`` (``"off"``, ``"observe"``, ``"quant"``)."""
-    for q in act_quantizers(model):
-        q.mode = mode

@@ -32,7 +32,7 @@ from qaf.quant.clip import CLIP_RULES, aciq_laplace_constant, laplace_scale, sea
 #: Version of the numerics of grids and clip rules (this module and qaf.quant.clip): part of the
 #: cache key of every cached result that fits grids (ADMM, QSWD). Bump it with any change that can
 #: change a grid (tests/test_cache.py checks).
-VERSION = 2
+VERSION = 3
 
 _EPS = 1e-12
 
@@ -74,6 +74,17 @@ class Grid:
         q = torch.round(v).add_(self._zp_int).clamp_(self.qmin, self.qmax)
         return q.sub_(self.zero_point).mul_(self.scale)
 
+    def codes(self, x: Tensor) -> Tensor:
+        """The integer codes ``q`` (as floats) that ``self(x)`` dequantizes: the ops of ``__call__``."""
+        v = x / self.scale
+        if bool(self._offset.any()):
+            v = v + self._offset
+        return torch.round(v).add_(self._zp_int).clamp_(self.qmin, self.qmax)
+
+    def dequantize(self, codes: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``(codes - zero_point) * scale`` in ``dtype``: bit for bit what ``__call__`` returns."""
+        return codes.to(dtype, copy=True).sub_(self.zero_point).mul_(self.scale)
+
     def ste(self, x: Tensor) -> Tensor:
         """``self(x)`` with a straight-through gradient: 1 inside the grid's range, 0 outside."""
         q = self(x.detach())
@@ -97,16 +108,17 @@ class Grid:
             return self.scale * (self.qmax - self.qmin) / 2
         return self.scale * self.qmax  # unsigned: [0, alpha]
 
-    def levels(self) -> Tensor:
-        """All levels of a per-tensor grid, ascending."""
-        if self.scale.dim() != 0:
-            raise ValueError("levels() is defined for per-tensor grids only")
-        codes = torch.arange(self.qmin, self.qmax + 1, dtype=self.scale.dtype, device=self.scale.device)
-        return (codes - self.zero_point) * self.scale
-
     def to(self, device: torch.device | str) -> "Grid":
         """The same grid with its tensors on ``device``."""
         return Grid(self.scale.to(device), self.zero_point.to(device), self.qmin, self.qmax)
+
+
+def same_bits(a: Tensor, b: Tensor) -> bool:
+    """Bitwise equality of two float tensors (tells -0.0 from 0.0)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.contiguous().view(ints), b.contiguous().view(ints))
 
 
 def symmetric_grid(alpha: Tensor, bits: int, zero_free: bool = False) -> Grid:
@@ -245,11 +257,6 @@ def make_grid(
             hi = torch.minimum(mu[:, None] + alpha, mx)
             grid = affine_grid(lo, hi, bits)
     return Grid(grid.scale.reshape(out_shape), grid.zero_point.reshape(out_shape), grid.qmin, grid.qmax)
-
-
-def fake_quantize(x: Tensor, bits: int, **kwargs) -> Tensor:
-    """``make_grid(x, bits, **kwargs)(x)``: fit a grid to ``x`` and quantize ``x`` onto it."""
-    return make_grid(x, bits, **kwargs)(x)
 
 
 def correct_mean(w_q: Tensor, w: Tensor, ch_axis: int = 0) -> Tensor:

@@ -1,7 +1,8 @@
 """A method family from outside qaf: a module and a config, nothing else (docs/design.md, "Adding a
-method family"). The toy family is a truncated SVD of each selected conv into two convs; it runs
-through the pipeline, its options are checked like qaf's own, and the report shows it as it
-declares: its label, its rate, compared only at equal rate."""
+method family"). The toy family is a truncated SVD of each selected conv into a layer type of its
+own (two convs); it runs through the pipeline, its options are checked like qaf's own, the report
+shows it as it declares (its label, its rate, compared only at equal rate), and its runs export an
+artifact that reloads to the run's top-1."""
 
 from __future__ import annotations
 
@@ -24,8 +25,32 @@ import torch
 from torch import nn
 
 from qaf.config import ConfigError, option
+from qaf.layer_type import LayerType
 from qaf.methods.base import DecompositionMethod, DecompositionOptions
 from qaf.results import MethodInfo
+
+
+class SVDConv2d(LayerType):
+    """A conv as a (rank x in x kh x kw) conv followed by a 1x1 conv."""
+
+    kind = "toy_svd_conv2d"
+    factorized = True
+
+    def __init__(self, conv, rank):
+        super().__init__()
+        self.rank = rank
+        self.first = nn.Conv2d(conv.in_channels, rank, conv.kernel_size, conv.stride, conv.padding, bias=False)
+        self.second = nn.Conv2d(rank, conv.out_channels, 1, bias=conv.bias is not None)
+
+    def forward(self, x):
+        return self.second(self.first(x))
+
+    def export_record(self, name, writer):
+        return {"rank": self.rank}
+
+    @classmethod
+    def from_record(cls, name, record, current, reader):
+        return cls(current, record["rank"])  # its sub-convs come back from their own records
 
 
 @dataclass
@@ -53,16 +78,15 @@ class TruncatedSVD(DecompositionMethod):
     def decompose(self, name, conv, ctx, cache):
         rank, w = self.rank(conv), conv.weight.detach()
         u, s, vh = torch.linalg.svd(w.reshape(w.shape[0], -1), full_matrices=False)
-        first = nn.Conv2d(conv.in_channels, rank, conv.kernel_size, conv.stride, conv.padding, bias=False)
-        second = nn.Conv2d(rank, conv.out_channels, 1, bias=conv.bias is not None)
+        layer = SVDConv2d(conv, rank)
         with torch.no_grad():
-            first.weight.copy_(vh[:rank].reshape(rank, *w.shape[1:]))
-            second.weight.copy_((u[:, :rank] * s[:rank]).reshape(*second.weight.shape))
+            layer.first.weight.copy_(vh[:rank].reshape(rank, *w.shape[1:]))
+            layer.second.weight.copy_((u[:, :rank] * s[:rank]).reshape(*layer.second.weight.shape))
             if conv.bias is not None:
-                second.bias.copy_(conv.bias)
+                layer.second.bias.copy_(conv.bias)
         error = float(torch.linalg.norm(s[rank:]) / torch.linalg.norm(s))
-        return nn.Sequential(first, second), {"0": None, "1": None}, {"name": name, "rank": rank,
-                                                                       "error": error, "cached": False}
+        return layer, {"first": None, "second": None}, {"name": name, "rank": rank, "error": error,
+                                                        "cached": False}
 '''
 
 CONFIG = '''# @package _global_
@@ -117,3 +141,27 @@ def test_its_options_are_checked_like_qafs_own(plugin: str, tmp_path: Path, monk
                                  "exclude, include, min_rank")):
         status, _, err = run_main([plugin, "method=toy_svd", override, *TINY], tmp_path, monkeypatch, capsys)
         assert status == 2 and err.strip() == f"qaf: config error: {message}"
+
+
+def test_its_runs_export_and_reload_with_the_runs_top1(plugin: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture):
+    import torch
+
+    import qaf
+    from qaf.data.cifar10 import embedded
+
+    status, _, err = run_main([plugin, "method=toy_svd", *TINY, "sweep_id=toy1", "export=true"], tmp_path,
+                              monkeypatch, capsys)
+    assert status == 0, err[-3000:]
+    run_dir = tmp_path / "multirun_outputs" / "toy1"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["export"]["verified"] and "error" not in metrics["export"]
+    sys.modules.pop("toy_svd_plugin", None)  # a fresh process: the loader imports the layer's module itself
+    loaded = qaf.load(run_dir / "model.qaf.safetensors")
+    assert [type(m).__name__ for m in loaded.modules()].count("SVDConv2d") == 6
+    correct = 0
+    with torch.no_grad():
+        for x, y, _ in embedded(eval_samples=200, calib_samples=64).eval_loader():
+            correct += int((loaded(x).argmax(1) == y).sum())
+    assert round(100 * correct / 200, 4) == metrics["top1"]
+

@@ -1,4 +1,4 @@
-"""``python -m qaf.bench [--quick] [--only solvers|latency]``: the benchmarks of :mod:`qaf.bench`."""
+"""``python -m qaf.bench [--quick] [--only solvers|latency] [--paper-grid]``: the benchmarks of :mod:`qaf.bench`."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ import argparse
 import json
 import logging
 import os
-import resource
 import time
 from pathlib import Path
 
 import torch
 
-from qaf.bench import ROOT
+from qaf.bench import ROOT, peak_mem_gb
 from qaf.bench.latency import BATCHES, latency_table
+from qaf.bench.paper_grid import paper_grid
 from qaf.bench.solvers import solver_figures
 
 
@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--resnet18-solver", action="store_true",
                         help="also time the whole ResNet-18 admm_epc (default budgets: far over 10 minutes on a "
                              "2-core CPU; on by default with CUDA)")
+    parser.add_argument("--paper-grid", action="store_true",
+                        help="only the paper's ResNet-18 table: every factorization of "
+                             "experiment=paper_resnet18_imagenet (42 jobs), seconds per stage and rate, e_quant")
     parser.add_argument("--ort-levels", default=None,
                         help="onnxruntime optimization levels to time, comma-separated (default: all,basic; "
                              "--quick: all)")
@@ -45,15 +48,16 @@ def main(argv: list[str] | None = None) -> dict:
     args.resnet18_solver = args.resnet18_solver or device.type == "cuda"
     start = time.perf_counter()
     result: dict = {"device": str(device), "threads": torch.get_num_threads(), "quick": args.quick}
-    if args.only != "latency":
-        result.update(solver_figures(args, device))
-    if args.only != "solvers":
-        print(f"latency: onnxruntime CPU ({', '.join(args.ort_levels.split(','))}), batches {BATCHES}, "
-              f"{torch.get_num_threads()} threads")
-        result["latency"] = latency_table(args)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB -> GiB
-    if device.type == "cuda":
-        peak = max(peak, torch.cuda.max_memory_allocated() / 1024**3)
+    if args.paper_grid:
+        result["paper_grid"] = paper_grid(device)
+    else:
+        if args.only != "latency":
+            result.update(solver_figures(args, device))
+        if args.only != "solvers":
+            print(f"latency: onnxruntime CPU ({', '.join(args.ort_levels.split(','))}), batches {BATCHES}, "
+                  f"{torch.get_num_threads()} threads")
+            result["latency"] = latency_table(args)
+    peak = peak_mem_gb(device)
     print(f"peak memory         {peak:8.2f} GB; {time.perf_counter() - start:.0f} s in all")
     result["peak_mem_gb"] = peak
     result["seconds"] = round(time.perf_counter() - start, 1)

@@ -17,6 +17,7 @@ three sub-convs are quantized at ``act_bits`` (fitted by the pipeline's observer
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -40,6 +41,7 @@ from qaf.quant.uniform import Grid, make_grid
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _SUBCONVS = ("pointwise_in", "depthwise", "pointwise_out")
 INITS = ("svd", "random", "als")
+_Entry = tuple[dict[str, Tensor], dict[str, Any]]  # a cache entry: tensors, metadata
 
 
 class CPMethod(Method):
@@ -148,8 +150,10 @@ class CPMethod(Method):
                 plan[f"{name}.{sub}"] = (self.bits, self.act_bits)
                 grids[f"{name}.{sub}"] = grid
             reports.append(report)
-            ctx.log("[%d/%d] %s rank %d: %.1f s, e_quant %.4f%s", idx + 1, len(layers), name, report["rank"],
-                    report["seconds"], report["e_quant"], " (cached)" if report["cached"] else "")
+            ctx.log("[%d/%d] %s rank %d: %.1f s (ALS %.1f, EPC %.1f, ADMM %.1f), e_quant %.4f%s", idx + 1,
+                    len(layers), name, report["rank"], report["seconds"], report["seconds_als"],
+                    report["seconds_epc"], report["seconds_admm"], report["e_quant"],
+                    " (cached)" if report["cached"] else "")
         quantize_model(model, plan, weight_scheme={"symmetric": True, "clip": self.clip, "p": self.p},
                        act_scheme={"clip": self.act_clip, "p": self.p, "symmetric": False}, weight_grids=grids)
         return reports
@@ -167,7 +171,8 @@ class CPMethod(Method):
                 "dtype": self.dtype, "device": ctx.device.type, "seed": ctx.seed}
         cache = ctx.cache if ctx.cache is not None else FactorCache("", enabled=False)
         hits: list[bool] = []
-        start_key, start = self._start(tensor, rank, base, cache, ctx.seed, hits)
+        seconds = {"seconds_als": 0.0, "seconds_epc": 0.0, "seconds_admm": 0.0}  # 0 when cached or not run
+        start_key, start = self._start(tensor, rank, base, cache, ctx.seed, hits, seconds)
         e_float = relative_error(tensor, start)
         iterations = 0
         if self.solver == "cpd":
@@ -185,7 +190,8 @@ class CPMethod(Method):
                     "iterations": res.iterations, "diverged": res.diverged, "inner_iterations": res.inner_iterations,
                     "qrange": [[g.qmin, g.qmax] for g in res.grids]}
 
-            stored, meta, hit = cache.get_or_compute(key, run_admm, schema=_admm_schema(len(start)))
+            stored, meta, hit = cache.get_or_compute(key, _timed(run_admm, seconds, "seconds_admm"),
+                                                     schema=_admm_schema(len(start)))
             hits.append(hit)
             factors = _as_list(stored, ctx.device, dt)
             grids = [Grid(stored[f"scale{n}"].to(ctx.device), stored[f"zero_point{n}"].to(ctx.device), *qr)
@@ -194,7 +200,7 @@ class CPMethod(Method):
         e_quant = relative_error(tensor, factors)
         report = {"name": name, "shape": list(conv.weight.shape), "rank": rank, "bits": self.bits,
                   "method": self.name, "init": self._init_name(), "iterations": iterations,
-                  "e_float": round(e_float, 6), "e_quant": round(e_quant, 6), "cached": all(hits)}
+                  "e_float": round(e_float, 6), "e_quant": round(e_quant, 6), "cached": all(hits), **seconds}
         wdt = conv.weight.dtype
         grids = [Grid(g.scale.to(wdt), g.zero_point.to(wdt), g.qmin, g.qmax) for g in grids]
         return [f.to(wdt) for f in factors], grids, report
@@ -205,8 +211,11 @@ class CPMethod(Method):
         return self.init
 
     def _start(self, tensor: Tensor, rank: int, base: dict, cache: FactorCache, seed: int,
-               hits: list[bool]) -> tuple[dict, list[Tensor]]:
-        """Float starting factors (ALS, EPC or an ADMM init), cached; returns (key, factors)."""
+               hits: list[bool], seconds: dict[str, float]) -> tuple[dict, list[Tensor]]:
+        """Float starting factors (ALS, EPC or an ADMM init), cached; returns (key, factors).
+
+        The seconds of each stage computed here (not served by the cache) go into ``seconds``.
+        """
         dev, dt = tensor.device, tensor.dtype
         kind = self._init_name()
         if kind in ("svd", "random"):
@@ -221,7 +230,7 @@ class CPMethod(Method):
                          generator=torch.Generator().manual_seed(seed))
             return _as_dict(res.factors), {"iterations": res.iterations, "error": res.error}
 
-        stored, _, hit = cache.get_or_compute(als_key, run_als, schema=schema)
+        stored, _, hit = cache.get_or_compute(als_key, _timed(run_als, seconds, "seconds_als"), schema=schema)
         hits.append(hit)
         als = _as_list(stored, dev, dt)
         if kind == "als":
@@ -233,7 +242,7 @@ class CPMethod(Method):
             res = cp_epc(tensor, als, n_iter=sweeps, tol=self.epc["tol"])
             return _as_dict(res.factors), {"iterations": res.iterations, "error": res.error}
 
-        stored, _, hit = cache.get_or_compute(epc_key, run_epc, schema=schema)
+        stored, _, hit = cache.get_or_compute(epc_key, _timed(run_epc, seconds, "seconds_epc"), schema=schema)
         hits.append(hit)
         return epc_key, _as_list(stored, dev, dt)
 
@@ -260,6 +269,18 @@ class ADMMEPC(CPMethod):
     """``method=admm_epc``: quantized CP by AO-ADMM started from the CP-EPC solution."""
 
     name, solver, epc_start = "admm_epc", "admm", True
+
+
+def _timed(compute: Callable[[], _Entry], seconds: dict[str, float], stage: str) -> Callable[[], _Entry]:
+    """``compute`` that records its wall time in ``seconds[stage]`` (a cache hit never calls it)."""
+
+    def run() -> _Entry:
+        start = time.perf_counter()
+        out = compute()
+        seconds[stage] = round(time.perf_counter() - start, 3)
+        return out
+
+    return run
 
 
 def _subconv_grids(grids: list[Grid]) -> list[Grid]:

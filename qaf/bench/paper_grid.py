@@ -6,7 +6,9 @@ bits=B rate=R model.pretrained=false`` would compose it and compressed by the re
 sharing one fresh temporary :class:`qaf.cache.FactorCache`: the ALS and EPC starts are computed by
 the first job of each rate and served from the cache to the other bit widths and methods, as in a
 sweep. No image is evaluated. It reports seconds per stage (ALS, EPC, ADMM, from the layer reports)
-and per rate, the mean per-layer ``e_quant`` of every job, the total and the peak memory.
+and per rate, the mean per-layer ``e_quant`` of every job, the total and the peak memory. It also
+reports process CPU seconds: on a shared machine wall time depends on the load, and with
+``--threads 1`` CPU seconds are close to the wall time on one idle core.
 
 The weights are torchvision's random init (no ImageNet weights offline): a random tensor has a flat
 spectrum, so it is the hard case for CP (large errors, every solver runs to its budget); trained
@@ -69,32 +71,33 @@ def paper_grid(device: torch.device) -> dict:
           "threads; random-init ResNet-18 weights: the hard case for CP (flat spectra, large errors, the "
           "solvers use their whole budgets), trained weights converge sooner", flush=True)
     rows = []
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory(prefix="qaf-paper-grid-") as cache_dir:
         for idx, job in enumerate(jobs):
-            job_start = time.perf_counter()
-            row = job_row(job, run_job(job, cache_dir, device), time.perf_counter() - job_start)
+            job_start, job_cpu = time.perf_counter(), time.process_time()
+            row = job_row(job, run_job(job, cache_dir, device), time.perf_counter() - job_start,
+                          time.process_time() - job_cpu)
             rows.append(row)
             print(f"[{idx + 1}/{len(jobs)}] {_label(row)}: {row['seconds']:7.1f} s (" +
                   ", ".join(f"{s.upper()} {row[f'{s}_s']:.1f}" for s in (*STAGES, "other")) +
-                  f"), mean e_quant {row['mean_e_quant']:.6f}", flush=True)
-    total = time.perf_counter() - start
+                  f"; CPU {row['cpu_s']:.1f} s), mean e_quant {row['mean_e_quant']:.6f}", flush=True)
+    total, total_cpu = time.perf_counter() - start, time.process_time() - cpu
     per_rate = {rate: round(sum(r["seconds"] for r in rows if r["rate"] == rate), 2)
                 for rate in dict.fromkeys(r["rate"] for r in rows)}
     per_stage = {s: round(sum(r[f"{s}_s"] for r in rows), 2) for s in (*STAGES, "other")}
     result = {"experiment": EXPERIMENT, "device": str(device), "threads": torch.get_num_threads(),
               "jobs": rows, "per_rate_s": per_rate, "per_stage_s": per_stage,
-              "total_s": round(total, 1), "peak_mem_gb": round(peak_mem_gb(device), 3)}
+              "total_s": round(total, 1), "total_cpu_s": round(total_cpu, 1), "peak_mem_gb": round(peak_mem_gb(device), 3)}
     print(markdown(result))
     return result
 
 
-def job_row(job: dict[str, str], layers: list[dict], seconds: float) -> dict:
+def job_row(job: dict[str, str], layers: list[dict], seconds: float, cpu_seconds: float) -> dict:
     """One job's figures: seconds in all and per stage (``other``: grids, quantizing the other layers,
-    error evaluation, building), the mean per-layer ``e_quant`` and the layer figures."""
+    error evaluation, building), process CPU seconds, the mean per-layer ``e_quant``, the layer figures."""
     stages = {f"{s}_s": round(sum(layer[f"seconds_{s}"] for layer in layers), 2) for s in STAGES}
     keep = ("name", "rank", "e_float", "e_quant", "iterations", *(f"seconds_{s}" for s in STAGES))
-    return {**job, "seconds": round(seconds, 2), "mean_e_quant": sum(layer["e_quant"] for layer in layers) / len(layers),
+    return {**job, "seconds": round(seconds, 2), "cpu_s": round(cpu_seconds, 2), "mean_e_quant": sum(layer["e_quant"] for layer in layers) / len(layers),
             **stages, "other_s": round(seconds - sum(stages.values()), 2),
             "layers": [{k: layer[k] for k in keep} for layer in layers]}
 
@@ -105,15 +108,16 @@ def _label(row: dict) -> str:
 
 def markdown(result: dict) -> str:
     """The grid's figures as Markdown tables: jobs, seconds per rate and per stage, total, memory."""
-    lines = ["| method | bits | rate | mean e_quant | s | ALS s | EPC s | ADMM s | other s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | bits | rate | mean e_quant | s | ALS s | EPC s | ADMM s | other s | CPU s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['method']} | {r['bits']} | {r['rate']} | {r['mean_e_quant']:.6f} | {r['seconds']:.1f} | "
-              f"{r['als_s']:.1f} | {r['epc_s']:.1f} | {r['admm_s']:.1f} | {r['other_s']:.1f} |" for r in result["jobs"]]
+              f"{r['als_s']:.1f} | {r['epc_s']:.1f} | {r['admm_s']:.1f} | {r['other_s']:.1f} | {r['cpu_s']:.1f} |"
+              for r in result["jobs"]]
     lines += ["", "| rate | " + " | ".join(result["per_rate_s"]) + " |",
               "|---|" + "---:|" * len(result["per_rate_s"]),
               "| s | " + " | ".join(f"{v:.1f}" for v in result["per_rate_s"].values()) + " |", "",
-              "| stage | " + " | ".join(s.upper() for s in STAGES) + " | other | total | peak memory |",
-              "|---|" + "---:|" * (len(STAGES) + 3),
+              "| stage | " + " | ".join(s.upper() for s in STAGES) + " | other | total | total CPU | peak memory |",
+              "|---|" + "---:|" * (len(STAGES) + 4),
               "| s | " + " | ".join(f"{v:.1f}" for v in result["per_stage_s"].values()) +
-              f" | {result['total_s']:.1f} | {result['peak_mem_gb']:.2f} GB |"]
+              f" | {result['total_s']:.1f} | {result['total_cpu_s']:.1f} | {result['peak_mem_gb']:.2f} GB |"]
     return "\n".join(lines)

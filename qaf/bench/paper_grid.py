@@ -31,18 +31,32 @@ EXPERIMENT = "paper_resnet18_imagenet"
 STAGES = ("als", "epc", "admm")
 
 
-def grid_jobs() -> list[dict[str, str]]:
+def grid_jobs(rates: list[str] | None = None) -> list[dict[str, str]]:
     """The experiment's jobs as override dicts, in the order of Hydra's basic sweeper.
 
     The sweeper takes the cartesian product of its params in the order they are listed (the last
     one varies fastest), so the first job of each rate computes that rate's starts.
+
+    Parameters
+    ----------
+    rates : list of str, optional
+        Keep the jobs of these rates only (spelled as in the experiment); jobs of different rates
+        share nothing, so a subset costs what it costs inside the whole grid.
     """
+    from qaf.config import ConfigError
     from qaf.export.rerun import CONF
 
     params = OmegaConf.load(CONF / "experiment" / f"{EXPERIMENT}.yaml").hydra.sweeper.params
     keys = list(params)
     values = [str(params[k]).split(",") for k in keys]
-    return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+    jobs = [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+    if rates is None:
+        return jobs
+    known = str(params["rate"]).split(",")
+    unknown = [r for r in rates if r not in known]
+    if unknown:
+        raise ConfigError(f"--rates {','.join(unknown)} is invalid: accepted rates of the grid, {','.join(known)}")
+    return [job for job in jobs if job["rate"] in rates]
 
 
 def run_job(job: dict[str, str], cache_dir: str, device: torch.device) -> list[dict]:
@@ -53,6 +67,7 @@ def run_job(job: dict[str, str], cache_dir: str, device: torch.device) -> list[d
     from qaf.pipeline import build
     from qaf.quant.policy import LayerPolicy
 
+    logging.getLogger("qaf").setLevel(logging.INFO)  # the methods' per-layer progress lines
     cfg = compose(f"experiment={EXPERIMENT}", *(f"{k}={v}" for k, v in job.items()), "model.pretrained=false")
     torch.manual_seed(int(cfg.seed))  # the pipeline seeds before building: every job gets the same weights
     model = build(cfg.model)
@@ -63,10 +78,10 @@ def run_job(job: dict[str, str], cache_dir: str, device: torch.device) -> list[d
     return method.compress(model, ctx)
 
 
-def paper_grid(device: torch.device) -> dict:
-    """Solve every job of the grid; print and return the figures (``paper_grid`` of bench.json)."""
-    logging.getLogger("qaf").setLevel(logging.INFO)  # the per-layer progress lines
-    jobs = grid_jobs()
+def paper_grid(device: torch.device, rates: list[str] | None = None) -> dict:
+    """Solve every job of the grid (of ``rates`` only, when given); print and return the figures
+    (``paper_grid`` of bench.json)."""
+    jobs = grid_jobs(rates)
     print(f"paper grid: {len(jobs)} jobs of experiment={EXPERIMENT} on {device}, {torch.get_num_threads()} "
           "threads; random-init ResNet-18 weights: the hard case for CP (flat spectra, large errors, the "
           "solvers use their whole budgets), trained weights converge sooner", flush=True)

@@ -4,14 +4,15 @@ On a 512 x 512 x 9 tensor at rank 1141 (ResNet-18's largest layer at rate 2), on
 device: seconds per ALS sweep of :func:`qaf.decomp.cp_als` and of tensorly's ``parafac`` and their
 ratio; the FLOP bound of one ALS sweep (3 MTTKRPs, 3 Gram updates, 3 Cholesky factorizations and the
 triangular solves) at the float32 matmul rate measured in the same run; seconds per AO-ADMM outer
-iteration (default inner budget); with ``--resnet18-solver`` (default with CUDA) the whole ResNet-18
-``admm_epc`` (random-init torchvision weights, rate 2, 4 bits, the budgets of
-``conf/cp_solver/default.yaml``, no cache).
+iteration (default inner budget); the whole ResNet-18 ``admm_epc`` at rate 2, 4 bits (the rate-2, 4-bit
+job of :mod:`qaf.bench.paper_grid`: random-init torchvision weights, the experiment's budgets, nothing
+cached; skipped by ``--quick`` unless ``--resnet18-solver``).
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 
 import torch
@@ -45,26 +46,13 @@ def als_flops() -> float:
 
 
 def resnet18_admm_epc(device: torch.device) -> tuple[float, list[dict]]:
-    """Seconds for ``admm_epc`` on a random-init ResNet-18 with the config's default budgets."""
-    import torchvision
-    from omegaconf import OmegaConf
+    """Seconds for the paper grid's rate-2, 4-bit ``admm_epc`` job alone (nothing cached)."""
+    from qaf.bench.paper_grid import run_job
 
-    from qaf.export.rerun import compose
-    from qaf.methods.base import CompressContext
-    from qaf.methods.cp import ADMMEPC
-    from qaf.quant.policy import LayerPolicy
-
-    cfg = compose("method=admm_epc", "model=resnet18")
-    opts = OmegaConf.to_container(cfg.method, resolve=True)
-    opts.pop("_target_")
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None).eval()
-    method = ADMMEPC(bits=4, act_bits=8, rate=2.0, **opts)
-    ctx = CompressContext(data=None, device=device, policy=LayerPolicy.from_config(cfg.policy), cache=None, seed=0,
-                          progress=True)
-    start = time.perf_counter()
-    reports = method.compress(model, ctx)
-    return time.perf_counter() - start, reports
+    with tempfile.TemporaryDirectory(prefix="qaf-bench-") as cache_dir:
+        start = time.perf_counter()
+        reports = run_job({"method": "admm_epc", "bits": "4", "rate": "2"}, cache_dir, device)
+        return time.perf_counter() - start, reports
 
 
 def solver_figures(args: argparse.Namespace, device: torch.device) -> dict:
@@ -103,8 +91,8 @@ def solver_figures(args: argparse.Namespace, device: torch.device) -> dict:
     print(f"ADMM outer iter     {admm:8.3f} s/iter")
 
     resnet_s = None
-    if args.resnet18_solver and not args.quick:
+    if args.resnet18_solver or not args.quick:
         resnet_s, reports = resnet18_admm_epc(device)
-        print(f"ResNet-18 admm_epc  {resnet_s:8.1f} s ({len(reports)} layers)")
+        print(f"ResNet-18 admm_epc  {resnet_s:8.1f} s (rate 2, 4 bits, {len(reports)} layers, random init)")
     return {"als_s_per_iter": als, "tensorly_s_per_iter": tly, "gemm_bound_s_per_iter": bound,
             "admm_s_per_outer_iter": admm, "resnet18_admm_epc_s": resnet_s}

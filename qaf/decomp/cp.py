@@ -122,7 +122,7 @@ def cp_norm_sq(grams: list[Tensor]) -> Tensor:
 
 @contextlib.contextmanager
 def small_linalg_threads(matrix: Tensor, limit: int = 384) -> Iterator[None]:
-    """Run the work of a small rank (R x R factorizations, GEMMs with R columns) single-threaded on the CPU.
+    """Run the work of a small rank (R x R factorizations, GEMMs with R columns) on one CPU thread.
 
     ``matrix`` is any tensor whose last dimension is the rank. Measured on 2 shared cores:
     ``eigh`` of a 134 x 134 matrix takes 0.9 ms on one thread and 22 ms on two when the other
@@ -175,7 +175,9 @@ def gram(factor: Tensor) -> Tensor:
     return (factor.T @ factor).double()
 
 
-def spd_right_solver(matrix: Tensor, rows: int, dtype: torch.dtype, *, reuse: bool = False) -> Callable[[Tensor], Tensor]:
+def spd_right_solver(
+    matrix: Tensor, rows: int, dtype: torch.dtype, *, reuse: bool = False
+) -> Callable[[Tensor], Tensor]:
     """``rhs -> rhs @ matrix^-1`` for (rows, R) right-hand sides, from one Cholesky factorization.
 
     The Cholesky factor of the symmetric positive definite ``matrix`` is always computed in

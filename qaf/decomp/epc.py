@@ -6,15 +6,17 @@ Given a CP approximation with error ``delta``, EPC solves
 
 one factor at a time. With the other factors fixed and ``X = U_n diag(lambda)`` the block
 problem is ``min ||X||_F^2 s.t. ||W_(n) - X K^T||^2 <= delta^2`` (K the Khatri-Rao product of
-the other factors), a least-squares problem on a sphere. With ``Gamma = K^T K = V diag(s) V^T``
-and ``Z = W_(n) K V`` its solution is ``X = Z diag(t) V^T``, ``t_r = mu / (1 + mu s_r)``, where
-the multiplier ``mu > 0`` solves the secular equation
+the other factors), a least-squares problem on a sphere. With ``Gamma = K^T K`` and
+``F = W_(n) K`` its solution is ``X = F (Gamma + I / mu)^-1``, where the multiplier ``mu > 0``
+solves the secular equation (in Gamma's eigenbasis ``Gamma = V diag(s) V^T``, ``Z = F V``)
 
-    g(mu) = ||W||^2 + sum_r ||z_r||^2 (s_r t_r^2 - 2 t_r) = delta^2.
+    g(mu) = ||W||^2 + sum_r ||z_r||^2 (s_r t_r^2 - 2 t_r) = delta^2,   t_r = mu / (1 + mu s_r).
 
-``g`` is convex and decreasing in ``mu``, so Newton's method started left of the root converges
-monotonically. EPC bounds the norms of the rank-1 terms, which removes the huge dynamic range
-of ALS factors that makes them impossible to quantize per tensor.
+:func:`epc_block` evaluates ``g`` by Cholesky factorizations of ``Gamma + I / mu`` instead of
+the eigendecomposition, and finds the root by Newton's method on ``(g - g_ls)^(-1/2)``.
+
+EPC bounds the norms of the rank-1 terms, which removes the huge dynamic range of ALS factors
+that makes them impossible to quantize per tensor.
 """
 
 from __future__ import annotations
@@ -201,7 +203,8 @@ def cp_epc(
     with small_linalg_threads(grams[0]):
         for it in range(1, n_iter + 1):
             for n in range(len(factors)):
-                x, mu, _ = epc_block(plan.mttkrp(work, n), hadamard_except(grams, n), plan.norm_sq, delta_sq, mus[n])
+                x, mu, _ = epc_block(plan.mttkrp(work, n), hadamard_except(grams, n), plan.norm_sq,
+                                     delta_sq, mus[n])
                 if math.isfinite(mu):
                     mus[n] = mu  # the next sweep's start: roots move a few percent between sweeps
                 lam = torch.linalg.vector_norm(x, dim=0).clamp_min(1e-300)

@@ -135,14 +135,18 @@ def test_epc_start_is_cached_once_across_methods_and_bits(tmp_path, monkeypatch)
     monkeypatch.setattr(cp_methods, "cp_epc", lambda *a, **k: calls.append(1) or real(*a, **k))
     cache = FactorCache(tmp_path)
     opts = dict(include=["layer1.2.conv1"], **FAST)
-    results = {}
+    results, stages = {}, []
     for name in ("cpd_epc", "admm_epc"):
         for bits in (4, 6):
             reports = method(name, bits=bits, rate=2.0, **opts).compress(build(20), _ctx(cache))
             results[(name, bits)] = [r["e_quant"] for r in reports]
+            stages.append([r[f"seconds_{s}"] > 0 for s in ("als", "epc", "admm") for r in reports])
     assert len(calls) == 1  # the layer's EPC start is computed once for the 4 runs
+    # Seconds per stage in the reports: the stages each run computed, 0 for those the cache served.
+    assert stages == [[True, True, False], [False, False, False], [False, False, True], [False, False, True]]
     again = method("admm_epc", bits=4, rate=2.0, **opts).compress(build(20), _ctx(cache))
     assert [r["e_quant"] for r in again] == results[("admm_epc", 4)] and all(r["cached"] for r in again)
+    assert all(r[f"seconds_{s}"] == 0 for r in again for s in ("als", "epc", "admm"))
     for e_admm, e_cpd in zip(results[("admm_epc", 4)], results[("cpd_epc", 4)]):
         assert e_admm <= e_cpd  # ADMM keeps its best iterate, the quantized start included
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -20,8 +22,8 @@ from qaf.decomp import (
     relative_error,
     weight_to_tensor,
 )
-from qaf.decomp.cp import spd_inverse
-from qaf.decomp.epc import solve_secular
+from qaf.decomp.cp import spd_right_solver
+from qaf.decomp.epc import epc_block
 from qaf.models.cifar_resnet import build
 from qaf.quant.uniform import make_grid
 
@@ -70,34 +72,89 @@ def test_rank_from_rate_and_limit():
     assert weight_to_tensor(torch.zeros(8, 4, 1, 1)).shape == (8, 4)
 
 
-def test_spd_inverse_survives_singular_gram():
-    gen = torch.Generator().manual_seed(0)
-    u = torch.randn(3, 6, generator=gen, dtype=torch.float64)
-    gram = u.T @ u  # rank 3 of 6: plain Cholesky fails
+@pytest.mark.parametrize("rows,rank", [(3, 40), (9, 36), (40, 40), (64, 20)])  # both branches (rows < R/4 or not)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_spd_right_solver_matches_a_dense_solve(rows, rank, dtype):
+    gen = torch.Generator().manual_seed(rows * rank)
+    a = torch.randn(rank, 2 * rank, generator=gen, dtype=torch.float64)
+    matrix = a @ a.T / rank + torch.eye(rank, dtype=torch.float64)
+    rhs = torch.randn(rows, rank, generator=gen, dtype=torch.float64)
+    out = spd_right_solver(matrix, rows, dtype)(rhs.to(dtype))
+    assert out.dtype == dtype
+    truth = torch.linalg.solve(matrix, rhs.T).T
+    assert torch.allclose(out.double(), truth, rtol=0, atol=1e-4 if dtype == torch.float32 else 1e-10)
+
+
+@pytest.mark.parametrize("rows", [2, 12])  # both branches
+def test_spd_right_solver_survives_singular_gram(rows):
+    gen = torch.Generator().manual_seed(rows)
+    u = torch.randn(3, 16, generator=gen, dtype=torch.float64)
+    gram = u.T @ u  # rank 3 of 16: plain Cholesky fails
     assert torch.linalg.cholesky_ex(gram).info != 0
-    inv = spd_inverse(gram)
-    # The inverse of gram + a tiny jitter: a generalized inverse on gram's range (to the accuracy its
-    # condition number ~1e12 allows), symmetric positive definite.
-    torch.testing.assert_close(gram @ inv @ gram, gram, rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(inv, inv.T)
-    assert float(torch.linalg.eigvalsh(inv).min()) > 0
+    rhs = torch.randn(rows, 16, generator=gen, dtype=torch.float64) @ gram  # in gram's range: X gram = rhs solvable
+    out = spd_right_solver(gram, rows, torch.float64)(rhs)
+    # The solve of gram + a tiny jitter: a solution of X gram = rhs to the accuracy the jitter allows.
+    torch.testing.assert_close(out @ gram, rhs, rtol=1e-3, atol=1e-3 * float(rhs.abs().max()))
 
 
-def test_spd_inverse_of_a_regular_matrix_is_the_inverse():
-    gen = torch.Generator().manual_seed(1)
-    u = torch.randn(9, 6, generator=gen, dtype=torch.float64)
-    gram = u.T @ u + 0.1 * torch.eye(6, dtype=torch.float64)
-    torch.testing.assert_close(spd_inverse(gram), torch.linalg.inv(gram), rtol=1e-10, atol=1e-12)
+def _epc_system(rows: int, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """F and Gamma of an EPC block (Gamma the Hadamard product of two Grams of unit columns), and
+    the least-squares residual ``||W||^2 - tr(F Gamma^-1 F^T)`` of a W with ``||W||^2 = norm_sq``."""
+    gen = torch.Generator().manual_seed(seed)
+    grams = []
+    for size in (rank // 2 + 3, 7):
+        u = torch.randn(size, rank, generator=gen, dtype=torch.float64)
+        u = u / u.norm(dim=0)
+        grams.append(u.T @ u)
+    gamma = grams[0] * grams[1]
+    f = torch.randn(rows, rank, generator=gen, dtype=torch.float64)
+    fit = float((f * torch.linalg.solve(gamma, f.T).T).sum())
+    return f, gamma, fit
 
 
-def test_secular_solution_meets_the_error_bound():
-    gen = torch.Generator().manual_seed(0)
-    s = torch.rand(6, generator=gen, dtype=torch.float64) + 0.1
-    zsq = torch.rand(6, generator=gen, dtype=torch.float64)
-    norm_sq = float((zsq / s).sum()) + 0.5  # least-squares residual 0.5
-    mu = solve_secular(zsq, s, norm_sq, 0.8, 0.0)
-    t = mu / (1 + mu * s)
-    assert norm_sq + float((zsq * (s * t * t - 2 * t)).sum()) == pytest.approx(0.8, rel=1e-9)
+def _epc_block_by_eigh(f, gamma, norm_sq, delta_sq):
+    """Independent truth: the block solution in Gamma's eigenbasis, mu by bisection."""
+    s, v = torch.linalg.eigh(gamma)
+    z = f @ v
+    zsq = z.pow(2).sum(0)
+
+    def g(mu: float) -> float:
+        t = mu / (1 + mu * s)
+        return norm_sq + float((zsq * (s * t * t - 2 * t)).sum())
+
+    lo, hi = 0.0, 1.0
+    while g(hi) > delta_sq:
+        hi *= 2
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if g(mid) > delta_sq else (lo, mid)
+    mu = 0.5 * (lo + hi)
+    return (z * (mu / (1 + mu * s))) @ v.T, mu
+
+
+@pytest.mark.parametrize("rows,rank", [(9, 30), (24, 24), (40, 16), (64, 57)])
+@pytest.mark.parametrize("fraction", [0.02, 0.5, 0.95])  # where delta^2 lies between the LS residual and ||W||^2
+@pytest.mark.parametrize("start", [0.0, 0.5, 1.01, 4.0])  # mu0 as a multiple of the root (0: none)
+def test_epc_block_matches_the_eigh_solution(rows, rank, fraction, start):
+    f, gamma, fit = _epc_system(rows, rank, seed=rows + rank)
+    ls = 0.3 * fit
+    norm_sq = fit + ls
+    delta_sq = ls + fraction * fit
+    truth, mu_true = _epc_block_by_eigh(f, gamma, norm_sq, delta_sq)
+    x, mu, evals = epc_block(f, gamma, norm_sq, delta_sq, start * mu_true)
+    assert mu == pytest.approx(mu_true, rel=1e-7)
+    assert float((x - truth).norm() / truth.norm()) < 1e-7
+    g = norm_sq - 2 * float((f * x).sum()) + float(((x.T @ x) * gamma).sum())
+    assert g == pytest.approx(delta_sq, rel=1e-9)  # the error bound is met
+    assert 1 <= evals <= 10
+
+
+def test_epc_block_returns_the_least_squares_solution_when_it_misses_delta():
+    f, gamma, fit = _epc_system(12, 20, seed=3)
+    norm_sq = fit + 1.0  # least-squares residual 1.0
+    x, mu, evals = epc_block(f, gamma, norm_sq, delta_sq=0.5)
+    assert mu == math.inf and evals == 0
+    assert torch.allclose(x, torch.linalg.solve(gamma, f.T).T, atol=1e-8)
 
 
 def test_epc_keeps_error_and_shrinks_norms(resnet20):

@@ -1,4 +1,4 @@
-"""``python -m qaf.bench [--quick] [--only solvers|latency|loaders]``: the benchmarks of :mod:`qaf.bench`."""
+"""``python -m qaf.bench [--quick] [--only solvers|latency|loaders] [--paper-grid]``: the benchmarks of :mod:`qaf.bench`."""
 
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ import argparse
 import json
 import logging
 import os
-import resource
 import time
 from pathlib import Path
 
 import torch
 
-from qaf.bench import ROOT, SHARED_DATA
+from qaf.bench import ROOT, SHARED_DATA, peak_mem_gb
 from qaf.bench.latency import BATCHES, latency_table
 from qaf.bench.loaders import loader_figures
+from qaf.bench.paper_grid import paper_grid
 from qaf.bench.solvers import solver_figures
 
 
@@ -27,8 +27,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only", choices=("solvers", "latency", "loaders"), default=None, help="run one part only")
     parser.add_argument("--latency", action="store_true", help="same as --only latency")
     parser.add_argument("--resnet18-solver", action="store_true",
-                        help="also time the whole ResNet-18 admm_epc (default budgets: far over 10 minutes on a "
-                             "2-core CPU; on by default with CUDA)")
+                        help="time the whole ResNet-18 admm_epc at rate 2, 4 bits even with --quick (always "
+                             "without --quick)")
+    parser.add_argument("--paper-grid", action="store_true",
+                        help="only the paper's ResNet-18 table: every factorization of "
+                             "experiment=paper_resnet18_imagenet (42 jobs), seconds per stage and rate, e_quant")
+    parser.add_argument("--rates", default=None,
+                        help="with --paper-grid: only the jobs of these rates, comma-separated (e.g. 2,4)")
     parser.add_argument("--ort-levels", default=None,
                         help="onnxruntime optimization levels to time, comma-separated (default: all,basic; "
                              "--quick: all)")
@@ -41,26 +46,28 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.latency:
         args.only = "latency"
+    if args.rates and not args.paper_grid:
+        parser.error("--rates is an option of --paper-grid")
     if args.ort_levels is None:
         args.ort_levels = "all" if args.quick else "all,basic"
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    args.resnet18_solver = args.resnet18_solver or device.type == "cuda"
     start = time.perf_counter()
     result: dict = {"device": str(device), "threads": torch.get_num_threads(), "quick": args.quick}
-    if args.only in (None, "solvers"):
-        result.update(solver_figures(args, device))
-    if args.only in (None, "loaders"):
-        result["loaders"] = loader_figures(args)
-    if args.only in (None, "latency"):
-        print(f"latency: onnxruntime CPU ({', '.join(args.ort_levels.split(','))}), batches {BATCHES}, "
-              f"{torch.get_num_threads()} threads")
-        result["latency"] = latency_table(args)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB -> GiB
-    if device.type == "cuda":
-        peak = max(peak, torch.cuda.max_memory_allocated() / 1024**3)
+    if args.paper_grid:
+        result["paper_grid"] = paper_grid(device, args.rates.split(",") if args.rates else None)
+    else:
+        if args.only in (None, "solvers"):
+            result.update(solver_figures(args, device))
+        if args.only in (None, "loaders"):
+            result["loaders"] = loader_figures(args)
+        if args.only in (None, "latency"):
+            print(f"latency: onnxruntime CPU ({', '.join(args.ort_levels.split(','))}), batches {BATCHES}, "
+                  f"{torch.get_num_threads()} threads")
+            result["latency"] = latency_table(args)
+    peak = peak_mem_gb(device)
     print(f"peak memory         {peak:8.2f} GB; {time.perf_counter() - start:.0f} s in all")
     result["peak_mem_gb"] = peak
     result["seconds"] = round(time.perf_counter() - start, 1)

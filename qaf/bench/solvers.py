@@ -1,17 +1,19 @@
-"""Solver speed: ALS against tensorly and the FLOP bound, AO-ADMM, the ResNet-18 ``admm_epc``.
+"""Solver speed: ALS against tensorly and the FLOP bound, EPC, AO-ADMM, the ResNet-18 ``admm_epc``.
 
 On a 512 x 512 x 9 tensor at rank 1141 (ResNet-18's largest layer at rate 2), on the solvers'
 device: seconds per ALS sweep of :func:`qaf.decomp.cp_als` and of tensorly's ``parafac`` and their
 ratio; the FLOP bound of one ALS sweep (3 MTTKRPs, 3 Gram updates, 3 Cholesky factorizations and the
-triangular solves) at the float32 matmul rate measured in the same run; seconds per AO-ADMM outer
-iteration (default inner budget); with ``--resnet18-solver`` (default with CUDA) the whole ResNet-18
-``admm_epc`` (random-init torchvision weights, rate 2, 4 bits, the budgets of
-``conf/method/admm_epc.yaml``, no cache).
+triangular solves) at the float32 matmul rate measured in the same run; seconds per EPC sweep
+(started from two ALS sweeps); seconds per AO-ADMM outer iteration (default inner budget); the whole
+ResNet-18 ``admm_epc`` at rate 2, 4 bits (the rate-2, 4-bit job of :mod:`qaf.bench.paper_grid`:
+random-init torchvision weights, the experiment's budgets, nothing cached; skipped by ``--quick``
+unless ``--resnet18-solver``).
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 
 import torch
@@ -19,6 +21,7 @@ import torch
 from qaf.bench import per_iteration, timed
 from qaf.decomp.admm import cp_admm
 from qaf.decomp.cp import cp_als, init_factors
+from qaf.decomp.epc import cp_epc
 
 SHAPE, RANK = (512, 512, 9), 1141
 
@@ -45,23 +48,13 @@ def als_flops() -> float:
 
 
 def resnet18_admm_epc(device: torch.device) -> tuple[float, list[dict]]:
-    """Seconds for ``admm_epc`` on a random-init ResNet-18 with the config's default budgets."""
-    import torchvision
-    from hydra.utils import instantiate
+    """Seconds for the paper grid's rate-2, 4-bit ``admm_epc`` job alone (nothing cached)."""
+    from qaf.bench.paper_grid import run_job
 
-    from qaf.export.rerun import compose
-    from qaf.methods.base import CompressContext
-    from qaf.quant.policy import LayerPolicy
-
-    cfg = compose("method=admm_epc", "model=resnet18")
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None).eval()
-    method = instantiate(cfg.method, bits=4, act_bits=8, rate=2.0)
-    ctx = CompressContext(data=None, device=device, policy=LayerPolicy.from_config(cfg.policy), cache=None, seed=0,
-                          progress=True)
-    start = time.perf_counter()
-    reports = method.compress(model, ctx)
-    return time.perf_counter() - start, reports
+    with tempfile.TemporaryDirectory(prefix="qaf-bench-") as cache_dir:
+        start = time.perf_counter()
+        reports = run_job({"method": "admm_epc", "bits": "4", "rate": "2"}, cache_dir, device)
+        return time.perf_counter() - start, reports
 
 
 def solver_figures(args: argparse.Namespace, device: torch.device) -> dict:
@@ -90,6 +83,10 @@ def solver_figures(args: argparse.Namespace, device: torch.device) -> dict:
     print(f"FLOP bound          {bound:8.3f} s/iter   ({als_flops() / 1e9:.1f} GFLOP at "
           f"{rate / 1e9:.1f} GFLOP/s; ours / bound {als / bound:5.2f})")
 
+    als_start = cp_als(tensor, RANK, n_iter=2, tol=0.0, init=list(start)).factors
+    epc = per_iteration(lambda n: cp_epc(tensor, als_start, n_iter=n, tol=0.0), 1, 2 if args.quick else 3)
+    print(f"EPC sweep           {epc:8.3f} s/iter")
+
     from qaf.quant.uniform import make_grid
 
     admm = per_iteration(
@@ -100,8 +97,8 @@ def solver_figures(args: argparse.Namespace, device: torch.device) -> dict:
     print(f"ADMM outer iter     {admm:8.3f} s/iter")
 
     resnet_s = None
-    if args.resnet18_solver and not args.quick:
+    if args.resnet18_solver or not args.quick:
         resnet_s, reports = resnet18_admm_epc(device)
-        print(f"ResNet-18 admm_epc  {resnet_s:8.1f} s ({len(reports)} layers)")
+        print(f"ResNet-18 admm_epc  {resnet_s:8.1f} s (rate 2, 4 bits, {len(reports)} layers, random init)")
     return {"als_s_per_iter": als, "tensorly_s_per_iter": tly, "gemm_bound_s_per_iter": bound,
-            "admm_s_per_outer_iter": admm, "resnet18_admm_epc_s": resnet_s}
+            "epc_s_per_iter": epc, "admm_s_per_outer_iter": admm, "resnet18_admm_epc_s": resnet_s}

@@ -14,8 +14,10 @@ Differences from the reference implementation, and why:
 - the grid (scale, zero point) is estimated once per factor update, from the first ``H~ - U``,
   and then fixed, so ``Q`` is a projection onto a fixed set: the inner loop can converge and its
   stopping test is met instead of running into the iteration cap;
-- ``(G + rho I)^-1`` comes from one Cholesky with jitter fallback, so rank-deficient Gram
-  matrices do not crash a solve, and ``F (G + rho I)^-1`` is computed once per inner loop;
+- ``G + rho I`` is factorized once per factor update (Cholesky with jitter fallback, so
+  rank-deficient Gram matrices do not crash a solve); each inner step is then one GEMM with its
+  inverse, or two float64 triangular solves for a factor with few rows (the kernel mode), see
+  :func:`qaf.decomp.cp.spd_right_solver`;
 - every outer iteration's quantized error is measured exactly (from the MTTKRP and the Grams)
   and the best quantized iterate is returned (the starting point, quantized, included); a
   diverging run (non-finite or exploding error) stops early, restores the best and warns.
@@ -31,11 +33,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from qaf.decomp.cp import MttkrpPlan, fit_error, hadamard_except, relative_error, spd_inverse
+from qaf.decomp.cp import (
+    MttkrpPlan,
+    fit_error,
+    gram,
+    hadamard_except,
+    relative_error,
+    small_linalg_threads,
+    spd_right_solver,
+)
 
 #: Version of the numerics of AO-ADMM: part of every cache key of their results. Bump it with
 #: any change that can change a result (tests/test_cache.py fails until the bump is recorded).
-VERSION = 2
+VERSION = 3
 
 __all__ = ["ADMMResult", "GridFactory", "Projector", "admm_factor_update", "cp_admm"]
 
@@ -83,7 +93,7 @@ def admm_factor_update(
     factor: Tensor,
     dual: Tensor,
     mttkrp: Tensor,
-    gram: Tensor,
+    gram_matrix: Tensor,
     grid_factory: GridFactory,
     *,
     max_iter: int = 50,
@@ -99,7 +109,7 @@ def admm_factor_update(
         Scaled dual U (I, R), carried across outer iterations.
     mttkrp : Tensor
         F = W_(n) K (I, R).
-    gram : Tensor
+    gram_matrix : Tensor
         G = K^T K (R, R), any float dtype.
     grid_factory : GridFactory
         Called once, on the first ``H~ - U``, to fix the grid for this update.
@@ -114,27 +124,23 @@ def admm_factor_update(
         ``(H, U, grid, steps)``: the quantized factor, the new dual, its grid and the number of
         inner steps run.
     """
-    dt = factor.dtype
-    g64 = gram.double()
-    rank = g64.shape[0]
-    rho = float(g64.trace()) / rank
-    minv = spd_inverse(g64 + rho * torch.eye(rank, dtype=g64.dtype, device=g64.device)).to(dt)
-    f_minv = mttkrp @ minv
-    rho_minv = rho * minv
+    shifted = gram_matrix.double().clone()
+    rho = float(shifted.trace()) / shifted.shape[0]
+    shifted.diagonal().add_(rho)
+    solve = spd_right_solver(shifted, factor.shape[0], factor.dtype, reuse=max_iter > 4)
     h, u = factor, dual
     grid: Projector | None = None
     steps = 0
     for steps in range(1, max_iter + 1):
-        h_tilde = f_minv + (h + u) @ rho_minv
+        h_tilde = solve(torch.add(mttkrp, h + u, alpha=rho))
         target = h_tilde - u
         if grid is None:
             grid = grid_factory(target)
         h_prev = h
         h = grid(target)
-        u = u + h - h_tilde
-        primal = float(torch.linalg.vector_norm(h - h_tilde)) / max(
-            float(torch.linalg.vector_norm(h)), 1e-30
-        )
+        gap = h - h_tilde
+        u = u + gap
+        primal = float(torch.linalg.vector_norm(gap)) / max(float(torch.linalg.vector_norm(h)), 1e-30)
         dual_res = float(torch.linalg.vector_norm(h - h_prev)) / max(
             float(torch.linalg.vector_norm(u)), 1e-30
         )
@@ -196,45 +202,46 @@ def cp_admm(
     best_err = relative_error(tensor, current)
     history = [best_err]
     best_it, stale, inner_total, diverged = 0, 0, 0, False
-    grams = [f.double().T @ f.double() for f in current]
+    grams = [gram(f) for f in current]
     it = 0
     last = len(current) - 1
-    for it in range(1, max_outer + 1):
-        err = math.nan
-        try:
-            for n in range(len(current)):
-                mttkrp = plan.mttkrp(current, n)
-                h, duals[n], grids[n], steps = admm_factor_update(
-                    current[n], duals[n], mttkrp, hadamard_except(grams, n), grid_factory,
-                    max_iter=max_inner, tol=tol_inner,
+    with small_linalg_threads(grams[0]):
+        for it in range(1, max_outer + 1):
+            err = math.nan
+            try:
+                for n in range(len(current)):
+                    mttkrp = plan.mttkrp(current, n)
+                    h, duals[n], grids[n], steps = admm_factor_update(
+                        current[n], duals[n], mttkrp, hadamard_except(grams, n), grid_factory,
+                        max_iter=max_inner, tol=tol_inner,
+                    )
+                    inner_total += steps
+                    current[n] = h
+                    grams[n] = gram(h)
+                    if not bool(torch.isfinite(grams[n]).all()):
+                        raise torch.linalg.LinAlgError(f"factor {n} is not finite")
+                err = fit_error(plan, (mttkrp.double() * current[last].double()).sum(), grams)
+            except torch.linalg.LinAlgError:
+                pass  # a broken factor: reported below as divergence
+            history.append(err)
+            if not math.isfinite(err) or err > divergence_factor * best_err:
+                diverged = True
+                warnings.warn(
+                    f"ADMM diverged at outer iteration {it} (error {err:.4g}, best {best_err:.4g});"
+                    " returning the best iterate",
+                    RuntimeWarning,
+                    stacklevel=2,
                 )
-                inner_total += steps
-                current[n] = h
-                grams[n] = h.double().T @ h.double()
-                if not bool(torch.isfinite(grams[n]).all()):
-                    raise torch.linalg.LinAlgError(f"factor {n} is not finite")
-            err = fit_error(plan, (mttkrp.double() * current[last].double()).sum(), grams)
-        except torch.linalg.LinAlgError:
-            pass  # a broken factor: reported below as divergence
-        history.append(err)
-        if not math.isfinite(err) or err > divergence_factor * best_err:
-            diverged = True
-            warnings.warn(
-                f"ADMM diverged at outer iteration {it} (error {err:.4g}, best {best_err:.4g});"
-                " returning the best iterate",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            break
-        if err < best_err * (1.0 - tol_outer):
-            stale = 0
-        else:
-            stale += 1
-        if err < best_err:
-            best_err, best_it = err, it
-            best_factors, best_grids = list(current), list(grids)
-        if stale >= patience:
-            break
+                break
+            if err < best_err * (1.0 - tol_outer):
+                stale = 0
+            else:
+                stale += 1
+            if err < best_err:
+                best_err, best_it = err, it
+                best_factors, best_grids = list(current), list(grids)
+            if stale >= patience:
+                break
     return ADMMResult(
         best_factors,
         best_grids,

@@ -6,15 +6,17 @@ Given a CP approximation with error ``delta``, EPC solves
 
 one factor at a time. With the other factors fixed and ``X = U_n diag(lambda)`` the block
 problem is ``min ||X||_F^2 s.t. ||W_(n) - X K^T||^2 <= delta^2`` (K the Khatri-Rao product of
-the other factors), a least-squares problem on a sphere. With ``Gamma = K^T K = V diag(s) V^T``
-and ``Z = W_(n) K V`` its solution is ``X = Z diag(t) V^T``, ``t_r = mu / (1 + mu s_r)``, where
-the multiplier ``mu > 0`` solves the secular equation
+the other factors), a least-squares problem on a sphere. With ``Gamma = K^T K`` and
+``F = W_(n) K`` its solution is ``X = F (Gamma + I / mu)^-1``, where the multiplier ``mu > 0``
+solves the secular equation (in Gamma's eigenbasis ``Gamma = V diag(s) V^T``, ``Z = F V``)
 
-    g(mu) = ||W||^2 + sum_r ||z_r||^2 (s_r t_r^2 - 2 t_r) = delta^2.
+    g(mu) = ||W||^2 + sum_r ||z_r||^2 (s_r t_r^2 - 2 t_r) = delta^2,   t_r = mu / (1 + mu s_r).
 
-``g`` is convex and decreasing in ``mu``, so Newton's method started left of the root converges
-monotonically. EPC bounds the norms of the rank-1 terms, which removes the huge dynamic range
-of ALS factors that makes them impossible to quantize per tensor.
+:func:`epc_block` evaluates ``g`` by Cholesky factorizations of ``Gamma + I / mu`` instead of
+the eigendecomposition, and finds the root by Newton's method on ``(g - g_ls)^(-1/2)``.
+
+EPC bounds the norms of the rank-1 terms, which removes the huge dynamic range of ALS factors
+that makes them impossible to quantize per tensor.
 """
 
 from __future__ import annotations
@@ -25,13 +27,20 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from qaf.decomp.cp import MttkrpPlan, hadamard_except, relative_error, small_linalg_threads
+from qaf.decomp.cp import (
+    MttkrpPlan,
+    gram,
+    hadamard_except,
+    relative_error,
+    small_linalg_threads,
+    spd_cholesky,
+)
 
 #: Version of the numerics of EPC: part of every cache key of their results. Bump it with
 #: any change that can change a result (tests/test_cache.py fails until the bump is recorded).
-VERSION = 2
+VERSION = 3
 
-__all__ = ["EPCResult", "cp_epc", "solve_secular"]
+__all__ = ["EPCResult", "cp_epc", "epc_block"]
 
 
 @dataclass
@@ -60,58 +69,91 @@ class EPCResult:
     history: list[float] = field(default_factory=list)
 
 
-def solve_secular(
-    zsq: Tensor, s: Tensor, norm_sq: float, delta_sq: float, mu0: float = 0.0, max_iter: int = 200
-) -> float:
-    """Solve ``g(mu) = delta^2`` for the sphere-constrained least-squares block.
+def _solves(chol: Tensor, rhs_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``L^-1 F^T``, ``M^-1 F^T`` and ``L^-1 M^-1 F^T`` for ``M = L L^T`` (three triangular solves)."""
+    y = torch.linalg.solve_triangular(chol, rhs_t, upper=False)
+    x = torch.linalg.solve_triangular(chol.T, y, upper=True)
+    return y, x, torch.linalg.solve_triangular(chol, x, upper=False)
+
+
+def epc_block(
+    mttkrp: Tensor,
+    gamma: Tensor,
+    norm_sq: float,
+    delta_sq: float,
+    mu0: float = 0.0,
+    *,
+    step_tol: float = 1e-4,
+    max_evals: int = 50,
+) -> tuple[Tensor, float, int]:
+    """Solve one EPC block, ``min ||X||^2 s.t. ||W_(n) - X K^T||^2 = delta^2``, by Cholesky solves.
+
+    The solution is ``X = F (Gamma + I / mu)^-1`` for the root ``mu`` of the secular equation
+    ``g(mu) = delta^2``. With ``M = Gamma + I / mu = L L^T``, ``Y = F L^-T`` and ``X = Y L^-1``:
+
+        g(mu) = ||W||^2 - ||Y||^2 - ||X||^2 / mu,    g'(mu) = -2 ||X L^-T||^2 / mu^3,
+
+    so each evaluation is one Cholesky factorization and three triangular solves, several times
+    cheaper than the eigendecomposition of ``Gamma`` it replaces. In the eigenbasis
+    ``g(mu) - g_ls = sum_r c_r / (1 + mu s_r)^2`` (``g_ls`` the least-squares residual), so
+    ``psi(mu) = (g(mu) - g_ls)^(-1/2)`` is concave and increasing, and nearly linear: Newton's
+    method on ``psi`` (the trust-region subproblem's secular equation, More and Sorensen 1983)
+    needs about two evaluations from the previous sweep's ``mu``. Once the Newton step is below
+    ``step_tol * mu``, ``X`` is moved to the root by its first-order correction
+    ``dX/dmu = M^-1 X / mu^2``.
 
     Parameters
     ----------
-    zsq : Tensor
-        ``||z_r||^2`` per eigen-direction (float64).
-    s : Tensor
-        Eigenvalues of ``Gamma`` (float64, >= 0).
+    mttkrp : Tensor
+        ``F = W_(n) K`` (I, R), any float dtype; the solves run in float64.
+    gamma : Tensor
+        ``Gamma = K^T K`` (R, R), symmetric positive semidefinite.
     norm_sq : float
         ``||W||_F^2``.
     delta_sq : float
         Target squared error.
     mu0 : float
-        A starting point known to lie left of the root (``g(mu0) >= delta^2``), e.g. 0.
-    max_iter : int
-        Newton steps at most.
+        Starting multiplier (e.g. the root of this mode's previous block); 0 for none.
+    step_tol : float
+        Relative Newton step below which the root is reached by the first-order correction.
+    max_evals : int
+        Evaluations (Cholesky factorizations) at most.
 
     Returns
     -------
-    float
-        The multiplier ``mu``; ``inf`` if even the unconstrained least-squares solution misses
-        ``delta`` (then the caller takes the least-squares solution).
+    tuple
+        ``(X, mu, evaluations)``: the block solution (I, R) in float64, the multiplier (``inf``
+        when even the least-squares solution misses ``delta``: ``X`` is then that solution) and
+        the number of evaluations of ``g``.
     """
-    pos = s > 0
-    ls_err = norm_sq - float((zsq[pos] / s[pos]).sum())
-    unbounded = bool((zsq[~pos] > 0).any())  # g -> -inf along a null direction of Gamma
-    if ls_err >= delta_sq and not unbounded:
-        return math.inf
-
-    def g_and_dg(mu: float) -> tuple[float, float]:
-        d = 1.0 + mu * s
-        t = mu / d
-        g = norm_sq + float((zsq * (s * t * t - 2.0 * t)).sum())
-        dg = -2.0 * float((zsq / d.pow(3)).sum())
-        return g, dg
-
-    mu = mu0
-    g, dg = g_and_dg(mu)
-    if g < delta_sq:  # the warm start overshot: restart from the safe side
-        mu = 0.0
-        g, dg = g_and_dg(mu)
-    for _ in range(max_iter):
-        step = (g - delta_sq) / -dg
-        mu_new = mu + step
-        if step <= 1e-14 * max(mu_new, 1e-300):
-            return mu_new
-        mu = mu_new
-        g, dg = g_and_dg(mu)
-    return mu
+    f_t = mttkrp.double().T  # (R, I): triangular solves take the right-hand sides as columns
+    with small_linalg_threads(gamma):
+        chol = spd_cholesky(gamma)
+        y = torch.linalg.solve_triangular(chol, f_t, upper=False)
+        ls = norm_sq - float(y.pow(2).sum())
+        if ls >= delta_sq:
+            return torch.linalg.solve_triangular(chol.T, y, upper=True).T, math.inf, 0
+        target = (delta_sq - ls) ** -0.5
+        # Newton from mu = 0 (g = ||W||^2, g' = -2 ||F||^2) lands left of the root: psi is concave.
+        gap0 = norm_sq - ls
+        mu_left = (target - gap0**-0.5) / (gap0**-1.5 * float(f_t.pow(2).sum()))
+        mu, evals = max(mu0, mu_left), 0
+        while True:
+            evals += 1
+            shifted = gamma.clone()
+            shifted.diagonal().add_(1.0 / mu)
+            chol = spd_cholesky(shifted)
+            y, x, z = _solves(chol, f_t)
+            gap = norm_sq - float(y.pow(2).sum()) - float(x.pow(2).sum()) / mu - ls
+            if gap > 0.0:
+                step = (target - gap**-0.5) / (gap**-1.5 * float(z.pow(2).sum()) / mu**3)
+            else:  # rounding at the least-squares end, far right of the root: back to the safe side
+                step = mu_left - mu
+            if abs(step) <= step_tol * mu or evals == max_evals:
+                x = x + (step / mu**2) * torch.linalg.solve_triangular(chol.T, z, upper=True)
+                return x.T, mu + step, evals
+            # From the right of the root, the tangent of the concave psi may overshoot past mu_left.
+            mu = max(mu + step, mu_left)
 
 
 def cp_epc(
@@ -154,32 +196,24 @@ def cp_epc(
     lam = torch.stack(norms).prod(0)
     units = [f / n for f, n in zip(f64, norms)]
     work = [u.to(dt) for u in units]
-    grams = [u.T @ u for u in units]
+    grams = [gram(w) for w in work]  # in the GEMM dtype, like the MTTKRPs they are solved against
     mus = [0.0] * len(factors)
     history: list[float] = []
     it = 0
-    for it in range(1, n_iter + 1):
-        for n in range(len(factors)):
-            gamma = hadamard_except(grams, n)
-            with small_linalg_threads(gamma):
-                s, v = torch.linalg.eigh(gamma)
-            s = s.clamp_min(0.0)
-            z = plan.mttkrp(work, n).double() @ v
-            zsq = z.pow(2).sum(0)
-            mu = solve_secular(zsq, s, plan.norm_sq, delta_sq, mus[n])
-            if math.isinf(mu):
-                t = torch.where(s > 1e-12 * s.max(), 1.0 / s, torch.zeros_like(s))
-            else:
-                t = mu / (1.0 + mu * s)
-                mus[n] = mu * 0.5  # a warm start that stays left of the next root
-            x = (z * t) @ v.T
-            lam = torch.linalg.vector_norm(x, dim=0).clamp_min(1e-300)
-            units[n] = x / lam
-            work[n] = units[n].to(dt)
-            grams[n] = units[n].T @ units[n]
-        history.append(float(torch.linalg.vector_norm(lam)))
-        if it > 1 and abs(history[-2] - history[-1]) < tol * history[-2]:
-            break
+    with small_linalg_threads(grams[0]):
+        for it in range(1, n_iter + 1):
+            for n in range(len(factors)):
+                x, mu, _ = epc_block(plan.mttkrp(work, n), hadamard_except(grams, n), plan.norm_sq,
+                                     delta_sq, mus[n])
+                if math.isfinite(mu):
+                    mus[n] = mu  # the next sweep's start: roots move a few percent between sweeps
+                lam = torch.linalg.vector_norm(x, dim=0).clamp_min(1e-300)
+                units[n] = x / lam
+                work[n] = units[n].to(dt)
+                grams[n] = gram(work[n])
+            history.append(float(torch.linalg.vector_norm(lam)))
+            if it > 1 and abs(history[-2] - history[-1]) < tol * history[-2]:
+                break
     root = lam.pow(1.0 / len(factors))
     out = [(u * root).to(dt) for u in units]
     return EPCResult(out, lam, relative_error(tensor, out), it, history)

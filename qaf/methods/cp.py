@@ -19,6 +19,8 @@ three sub-convs are quantized at ``act_bits`` (fitted by the pipeline's observer
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +43,7 @@ from qaf.results import MethodInfo
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 INITS = ("svd", "random", "als", "epc")
 SOLVERS = ("quantize", "admm")
+_Entry = tuple[dict[str, Tensor], dict[str, Any]]  # a cache entry: tensors, metadata
 
 
 @dataclass
@@ -105,7 +108,7 @@ class CP(DecompositionMethod):
     """
 
     Options = CPOptions
-    log_fields = ("rank", "e_quant")
+    log_fields = ("rank", "e_quant", "seconds_als", "seconds_epc", "seconds_admm")
 
     def __init__(self, bits: int = 4, act_bits: int = 8, rate: float = 2.0, **options: Any):
         super().__init__(bits=bits, act_bits=act_bits, rate=rate, **options)
@@ -158,7 +161,8 @@ class CP(DecompositionMethod):
         base = {"weight": tensor_digest(conv.weight), "shape": list(tensor.shape), "rank": rank,
                 "dtype": self.dtype, "device": ctx.device.type, "seed": ctx.seed}
         hits: list[bool] = []
-        start_key, start = self._start(tensor, rank, base, cache, ctx.seed, hits)
+        seconds = {"seconds_als": 0.0, "seconds_epc": 0.0, "seconds_admm": 0.0}  # 0 when cached or not run
+        start_key, start = self._start(tensor, rank, base, cache, ctx.seed, hits, seconds)
         e_float = relative_error(tensor, start)
         iterations = 0
         if self.solver == "quantize":
@@ -176,7 +180,8 @@ class CP(DecompositionMethod):
                     "iterations": res.iterations, "diverged": res.diverged, "inner_iterations": res.inner_iterations,
                     "qrange": [[g.qmin, g.qmax] for g in res.grids]}
 
-            stored, meta, hit = cache.get_or_compute(key, run_admm, schema=_admm_schema(len(start)))
+            stored, meta, hit = cache.get_or_compute(key, _timed(run_admm, seconds, "seconds_admm"),
+                                                     schema=_admm_schema(len(start)))
             hits.append(hit)
             factors = _as_list(stored, ctx.device, dt)
             grids = [Grid(stored[f"scale{n}"].to(ctx.device), stored[f"zero_point{n}"].to(ctx.device), *qr)
@@ -185,7 +190,7 @@ class CP(DecompositionMethod):
         e_quant = relative_error(tensor, factors)
         report = {"name": name, "shape": list(conv.weight.shape), "rank": rank, "bits": self.bits,
                   "method": self.name, "init": self.init, "iterations": iterations,
-                  "e_float": round(e_float, 6), "e_quant": round(e_quant, 6), "cached": all(hits)}
+                  "e_float": round(e_float, 6), "e_quant": round(e_quant, 6), "cached": all(hits), **seconds}
         wdt = conv.weight.dtype
         a, b, c = (Grid(g.scale.to(wdt), g.zero_point.to(wdt), g.qmin, g.qmax) for g in grids)
         # pointwise_in holds factor B, depthwise C, pointwise_out A
@@ -197,8 +202,11 @@ class CP(DecompositionMethod):
         return int(min(self.epc["iters"], max(self.epc["min_iters"], self.epc["work"] / rank**3)))
 
     def _start(self, tensor: Tensor, rank: int, base: dict, cache: FactorCache, seed: int,
-               hits: list[bool]) -> tuple[dict, list[Tensor]]:
-        """Float starting factors (an init, ALS or EPC), cached; returns (key, factors)."""
+               hits: list[bool], seconds: dict[str, float]) -> tuple[dict, list[Tensor]]:
+        """Float starting factors (an init, ALS or EPC), cached; returns (key, factors).
+
+        The seconds of each stage computed here (not served by the cache) go into ``seconds``.
+        """
         dev, dt = tensor.device, tensor.dtype
         kind = self.init
         if kind in ("svd", "random"):
@@ -213,7 +221,7 @@ class CP(DecompositionMethod):
                          generator=torch.Generator().manual_seed(seed))
             return _as_dict(res.factors), {"iterations": res.iterations, "error": res.error}
 
-        stored, _, hit = cache.get_or_compute(als_key, run_als, schema=schema)
+        stored, _, hit = cache.get_or_compute(als_key, _timed(run_als, seconds, "seconds_als"), schema=schema)
         hits.append(hit)
         als = _as_list(stored, dev, dt)
         if kind == "als":
@@ -225,9 +233,21 @@ class CP(DecompositionMethod):
             res = cp_epc(tensor, als, n_iter=sweeps, tol=self.epc["tol"])
             return _as_dict(res.factors), {"iterations": res.iterations, "error": res.error}
 
-        stored, _, hit = cache.get_or_compute(epc_key, run_epc, schema=schema)
+        stored, _, hit = cache.get_or_compute(epc_key, _timed(run_epc, seconds, "seconds_epc"), schema=schema)
         hits.append(hit)
         return epc_key, _as_list(stored, dev, dt)
+
+
+def _timed(compute: Callable[[], _Entry], seconds: dict[str, float], stage: str) -> Callable[[], _Entry]:
+    """``compute`` that records its wall time in ``seconds[stage]`` (a cache hit never calls it)."""
+
+    def run() -> _Entry:
+        start = time.perf_counter()
+        out = compute()
+        seconds[stage] = round(time.perf_counter() - start, 3)
+        return out
+
+    return run
 
 
 def _as_dict(factors: list[Tensor]) -> dict[str, Tensor]:

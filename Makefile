@@ -23,7 +23,7 @@ test: install ## the test suite (slow tests deselected)
 test-all: install ## every test, slow ones included
 	$(PYTHON) -m pytest -q -m ""
 
-bench: ## solver speed, ONNX latency table, PyTorch CP speed ratio (prints them, writes bench.json)
+bench: ## solver speed, LAPQ loss evaluations/s, ONNX latency table, PyTorch CP speed ratio (prints them, writes bench.json)
 	$(PYTHON) -m qaf.bench
 
 tables: ## tables, plot and HTML page for the newest sweep under multirun_outputs/

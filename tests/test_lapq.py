@@ -4,6 +4,8 @@ incremental loss evaluations equal to whole forward passes."""
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,7 @@ from torch.utils.data import Dataset, TensorDataset
 from qaf.config import ConfigError
 from qaf.data import DataBundle
 from qaf.methods.base import CompressContext
-from qaf.methods.lapq import LAPQ, CalibrationLoss, calibration_batches, calibration_loss, fit_p_star
+from qaf.methods.lapq import LAPQ, calibration_batches, calibration_loss, fit_p_star
 from qaf.quant.modules import ActQuantizer, QuantLayer, QuantReLU
 from qaf.quant.policy import LayerPolicy
 
@@ -215,9 +217,9 @@ def test_everything_quantized_when_the_policy_says_so() -> None:
     assert model[0].act.grid.bounds()[0] < 0
 
 
-def prepared(build, placement: str, policy: LayerPolicy, size: int) -> tuple:
-    """A model built by ``build()`` with LAPQ's quantizers, observed; calibration batches, clips at
-    max-abs clips, a function applying clips, and the modules of each clip."""
+def prepared(build, placement: str, policy: LayerPolicy, size: int) -> SimpleNamespace:
+    """A model built by ``build()`` with LAPQ's quantizers, observed on two random batches: the model,
+    batches, weight clip names, max-abs clips, LAPQ's objective, and a function applying all clips."""
     model = build().eval()
     x = torch.randn(16, 3, size, size, generator=torch.Generator().manual_seed(2))
     batches = [(x[i:i + 8], torch.randint(0, 4, (8,), generator=torch.Generator().manual_seed(i)))
@@ -227,12 +229,10 @@ def prepared(build, placement: str, policy: LayerPolicy, size: int) -> tuple:
     for slot in slots:
         slot.quantizer.mode = "observe"
     whole_loss(model, batches)
-    alphas = method._clips(layers, slots, [slot.quantizer.sample() for slot in slots], None)
-
-    def apply(a: np.ndarray, changed: np.ndarray) -> None:
-        method._apply(layers, slots, a, changed)
-
-    return model, batches, alphas, apply, [[name] for name in layers] + [slot.owners for slot in slots]
+    alphas = method.clips(layers, slots, [slot.quantizer.sample() for slot in slots], None)
+    return SimpleNamespace(model=model, batches=batches, weight_clips=list(layers), alphas=alphas,
+                           loss=method.objective(model, layers, slots, batches),
+                           apply_all=lambda a: method._apply(layers, slots, a, np.arange(a.size)))
 
 
 def cifar_resnet20() -> nn.Module:
@@ -259,12 +259,11 @@ def test_incremental_loss_equals_a_whole_forward_of_an_independent_copy(build, p
     # The reusing loss on one model against plain forward passes of a second, identically built
     # model on which every clip is applied afresh: equal bit for bit, for random clip changes
     # (one or a few clips, revisited points, everything at once).
-    model, batches, alphas, apply, owners = prepared(build, placement, policy, size)
-    twin, _, _, apply_twin, _ = prepared(build, placement, policy, size)
-    loss = CalibrationLoss(model, batches, apply, owners)
+    run, twin = prepared(build, placement, policy, size), prepared(build, placement, policy, size)
+    loss = run.loss
     assert loss.forward is not None
     rng = np.random.default_rng(0)
-    points = [alphas]
+    points = [run.alphas]
     for step in range(10):
         a = points[-1].copy()
         if step % 4 == 3:
@@ -275,30 +274,29 @@ def test_incremental_loss_equals_a_whole_forward_of_an_independent_copy(build, p
             for i in rng.choice(a.size, size=rng.integers(1, 3), replace=False):
                 a[i] *= rng.uniform(0.5, 1.1)
         points.append(a)
-        apply_twin(a, np.arange(a.size))
-        assert loss(a) == whole_loss(twin, batches)
+        twin.apply_all(a)
+        assert loss(a) == whole_loss(twin.model, twin.batches)
     assert loss.repeated >= 2
 
 
 def test_incremental_loss_runs_only_what_a_change_reaches() -> None:
-    model, batches, alphas, apply, owners = prepared(tiny_resnet, "input", UNIFORM, 8)
+    run = prepared(tiny_resnet, "input", UNIFORM, 8)
     calls = {name: 0 for name in ("0", "3.0.conv1", "3.1.conv2", "6")}
     for name in calls:
-        model.get_submodule(name).register_forward_pre_hook(lambda *_, n=name: calls.__setitem__(n, calls[n] + 1))
-    loss = CalibrationLoss(model, batches, apply, owners)
-    loss(alphas)
-    assert set(calls.values()) == {len(batches)}
-    index = {tuple(o): i for i, o in enumerate(owners)}
-    a = alphas.copy()
-    a[index[("3.1.conv2",)]] *= 0.8  # the last conv's weight clip: the stem and first block are not rerun
-    loss(a)
+        run.model.get_submodule(name).register_forward_pre_hook(
+            lambda *_, n=name: calls.__setitem__(n, calls[n] + 1))
+    run.loss(run.alphas)
+    assert set(calls.values()) == {len(run.batches)}
+    a = run.alphas.copy()
+    a[run.weight_clips.index("3.1.conv2")] *= 0.8  # the last conv's clip: the stem and first block are not rerun
+    run.loss(a)
     assert calls == {"0": 2, "3.0.conv1": 2, "3.1.conv2": 4, "6": 4}
-    a[index[("6",)]] *= 0.8  # the classifier's: only the classifier reruns
-    loss(a)
+    a[run.weight_clips.index("6")] *= 0.8  # the classifier's: only the classifier reruns
+    run.loss(a)
     assert calls == {"0": 2, "3.0.conv1": 2, "3.1.conv2": 4, "6": 6}
-    loss(alphas)  # seen before: answered from memory, nothing runs
-    assert calls == {"0": 2, "3.0.conv1": 2, "3.1.conv2": 4, "6": 6} and loss.repeated == 1
-    assert whole_loss(model, batches) == loss(alphas)  # the model carries the clips asked for
+    run.loss(run.alphas)  # seen before: answered from memory, nothing runs
+    assert calls == {"0": 2, "3.0.conv1": 2, "3.1.conv2": 4, "6": 6} and run.loss.repeated == 1
+    assert whole_loss(run.model, run.batches) == run.loss(run.alphas)  # the model carries the clips asked for
 
 
 class Doubling(nn.Module):

@@ -1,4 +1,4 @@
-"""``python -m qaf.bench [--quick] [--only solvers|latency]``: the benchmarks of :mod:`qaf.bench`."""
+"""``python -m qaf.bench [--quick] [--only solvers|lapq|latency]``: the benchmarks of :mod:`qaf.bench`."""
 
 from __future__ import annotations
 
@@ -13,16 +13,18 @@ from pathlib import Path
 import torch
 
 from qaf.bench import ROOT
+from qaf.bench.lapq import lapq_figures
 from qaf.bench.latency import BATCHES, latency_table
 from qaf.bench.solvers import solver_figures
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark, print the figures and write ``bench.json``."""
-    parser = argparse.ArgumentParser(description="qaf benchmarks: solver speed and model latency (bench.json)")
+    parser = argparse.ArgumentParser(description="qaf benchmarks: solver speed, LAPQ loss evaluations and model "
+                                                 "latency (bench.json)")
     parser.add_argument("--quick", action="store_true",
                         help="fewer sweeps and repeats; latency of ResNet-20 only, onnxruntime default level only")
-    parser.add_argument("--only", choices=("solvers", "latency"), default=None, help="run one part only")
+    parser.add_argument("--only", choices=("solvers", "lapq", "latency"), default=None, help="run one part only")
     parser.add_argument("--latency", action="store_true", help="same as --only latency")
     parser.add_argument("--resnet18-solver", action="store_true",
                         help="also time the whole ResNet-18 admm_epc (default budgets: far over 10 minutes on a "
@@ -45,9 +47,11 @@ def main(argv: list[str] | None = None) -> dict:
     args.resnet18_solver = args.resnet18_solver or device.type == "cuda"
     start = time.perf_counter()
     result: dict = {"device": str(device), "threads": torch.get_num_threads(), "quick": args.quick}
-    if args.only != "latency":
+    if args.only in (None, "solvers"):
         result.update(solver_figures(args, device))
-    if args.only != "solvers":
+    if args.only in (None, "lapq"):
+        result.update(lapq_figures(device))
+    if args.only in (None, "latency"):
         print(f"latency: onnxruntime CPU ({', '.join(args.ort_levels.split(','))}), batches {BATCHES}, "
               f"{torch.get_num_threads()} threads")
         result["latency"] = latency_table(args)

@@ -123,28 +123,14 @@ class LAPQ(Method):
     def compress(self, model: nn.Module, ctx: CompressContext) -> list[dict]:
         """Quantize ``model`` in place with LAPQ; fills ``self.summary``."""
         start = time.perf_counter()
-        model.to(ctx.device).eval()
-        batches = calibration_batches(ctx.data, self.calib_samples, self.batch_size, ctx.device)
-        layers, slots = self.insert_quantizers(model, ctx.policy, batches[0][0])
-
-        # Activation statistics of the float model (quantizers observe; weights still float).
-        for slot in slots:
-            slot.quantizer.mode = "observe"
-        with torch.no_grad():
-            for x, _ in batches:
-                model(x)
-        samples = [slot.quantizer.sample() for slot in slots]
-        for slot in slots:
-            slot.quantizer.mode = "off"
+        layers, slots, batches, samples = self.prepare(model, ctx)
 
         def lp_clips(p: float | None) -> np.ndarray:
-            return self._clips(layers, slots, samples, p)
+            return self.clips(layers, slots, samples, p)
 
         evals = {"n": 0}
         best = {"loss": float("inf"), "x": None}
-        owners = [[name] for name in layers] + [slot.owners for slot in slots]
-        loss = CalibrationLoss(model, batches, lambda alphas, changed: self._apply(layers, slots, alphas, changed),
-                               owners if self.reuse else None)
+        loss = self.objective(model, layers, slots, batches)
         if loss.untraced:
             ctx.log("lapq: the model does not trace with torch.fx (%s): every loss evaluation runs it whole",
                     loss.untraced)
@@ -225,6 +211,37 @@ class LAPQ(Method):
                    for j, slot in enumerate(slots)]
         return report
 
+    def prepare(self, model: nn.Module, ctx: CompressContext) -> tuple[dict[str, QuantLayer], list[_ActSlot],
+                                                                      list[tuple[Tensor, Tensor]], list[Tensor]]:
+        """Put ``model`` on ``ctx.device`` with its quantizers, and observe the float model's activations.
+
+        Returns
+        -------
+        tuple
+            The quantized layers by name, the activation slots, the calibration batches (on
+            ``ctx.device``) and each slot's activation sample.
+        """
+        model.to(ctx.device).eval()
+        batches = calibration_batches(ctx.data, self.calib_samples, self.batch_size, ctx.device)
+        layers, slots = self.insert_quantizers(model, ctx.policy, batches[0][0])
+        # Activation statistics of the float model (quantizers observe; weights still float).
+        for slot in slots:
+            slot.quantizer.mode = "observe"
+        with torch.no_grad():
+            for x, _ in batches:
+                model(x)
+        samples = [slot.quantizer.sample() for slot in slots]
+        for slot in slots:
+            slot.quantizer.mode = "off"
+        return layers, slots, batches, samples
+
+    def objective(self, model: nn.Module, layers: dict[str, QuantLayer], slots: list[_ActSlot],
+                  batches: list[tuple[Tensor, Tensor]]) -> "CalibrationLoss":
+        """The calibration loss over the clips of ``layers`` then ``slots`` (incremental with ``reuse``)."""
+        owners = [[name] for name in layers] + [slot.owners for slot in slots]
+        return CalibrationLoss(model, batches, lambda alphas, changed: self._apply(layers, slots, alphas, changed),
+                               owners if self.reuse else None)
+
     # ------------------------------------------------------------------ placement
     def insert_quantizers(self, model: nn.Module, policy: LayerPolicy,
                           x: Tensor) -> tuple[dict[str, QuantLayer], list[_ActSlot]]:
@@ -302,8 +319,8 @@ class LAPQ(Method):
         return slots
 
     # ------------------------------------------------------------------ clips
-    def _clips(self, layers: dict[str, QuantLayer], slots: list[_ActSlot], samples: list[Tensor],
-               p: float | None) -> np.ndarray:
+    def clips(self, layers: dict[str, QuantLayer], slots: list[_ActSlot], samples: list[Tensor],
+              p: float | None) -> np.ndarray:
         """Lp-optimal clips (``p=None``: max-abs) of all weights, then all activations."""
         clip = "minmax" if p is None else "lp"
         p = 2.0 if p is None else p

@@ -22,6 +22,9 @@ Steps (as LAPQ's ``lapq_v2.py`` does them; docs/baselines.md lists the slots and
    outside the sweep falls back to the best swept ``p``).
 4. Joint Powell search over all clips from ``alpha(p*)``; the best point evaluated is kept, so the
    result is never worse than the start.
+
+Each loss evaluation recomputes only what the clips changed since the previous one can affect
+(``CalibrationLoss``, ``qaf.quant.incremental``): the same losses bit for bit as whole forward passes.
 """
 
 from __future__ import annotations
@@ -415,7 +418,7 @@ class CalibrationLoss:
 
     Each call applies the clips that changed since the previous call (``apply``), then runs the
     model on the calibration batches: whole, or, given ``owners``, from the first operation a
-    changed clip reaches (:class:`qaf.quant.incremental.IncrementalForward`), with a point
+    changed clip reaches (:class:`qaf.quant.incremental.IncrementalForward`) and with a point
     evaluated before answered from memory (each Powell line search starts at its current point).
 
     Parameters
@@ -427,7 +430,8 @@ class CalibrationLoss:
     apply : callable
         ``apply(alphas, changed)`` puts the clips ``alphas[changed]`` on the model.
     owners : list of list of str, optional
-        The modules each clip acts on: evaluate incrementally (None: run the model whole each time).
+        The modules each clip acts on: evaluate incrementally and remember evaluated points (None:
+        run the model whole every time).
 
     Attributes
     ----------
@@ -449,10 +453,22 @@ class CalibrationLoss:
                 self.forward = IncrementalForward(model, owners, [x for x, _ in batches])
             except Exception as err:  # any model torch.fx cannot trace: the whole forward is as exact
                 self.untraced = f"{type(err).__name__}: {err}"
-        self._seen: dict[bytes, float] | None = {} if self.forward is not None else None
+        self._seen: dict[bytes, float] | None = {} if owners is not None else None
         self._applied: np.ndarray | None = None
 
     def __call__(self, alphas: np.ndarray) -> float:
+        """The calibration loss at clips ``alphas`` (weights, then activations); the model keeps them.
+
+        Parameters
+        ----------
+        alphas : np.ndarray
+            All clips.
+
+        Returns
+        -------
+        float
+            Cross-entropy per calibration image.
+        """
         alphas = np.array(alphas, dtype=np.float64)
         changed = (np.arange(alphas.size) if self._applied is None
                    else np.flatnonzero(alphas != self._applied))

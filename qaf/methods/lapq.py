@@ -241,7 +241,11 @@ class LAPQ(Method):
     def objective(self, model: nn.Module, layers: dict[str, QuantLayer], slots: list[_ActSlot],
                   batches: list[tuple[Tensor, Tensor]]) -> "CalibrationLoss":
         """The calibration loss over the clips of ``layers`` then ``slots`` (incremental with ``reuse``)."""
-        owners = [[name] for name in layers] + [slot.owners for slot in slots]
+        names: dict[int, list[str]] = {}
+        for name, module in model.named_modules(remove_duplicate=False):
+            names.setdefault(id(module), []).append(name)
+        # A weight clip lives in its layer; an activation clip in its quantizer (under every name it has).
+        owners = [[name] for name in layers] + [names[id(slot.quantizer)] for slot in slots]
         return CalibrationLoss(model, batches, lambda alphas, changed: self._apply(layers, slots, alphas, changed),
                                owners if self.reuse else None)
 

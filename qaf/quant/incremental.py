@@ -21,10 +21,10 @@ import torch
 from torch import Tensor, fx, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from qaf.quant.modules import ActQuantizer, QuantLayer, QuantReLU
+from qaf.quant.modules import ActQuantizer, QuantLayer
 
 #: Modules kept whole in the traced graph: their forward branches on modes and flags.
-LEAVES = (QuantLayer, QuantReLU, ActQuantizer)
+LEAVES = (QuantLayer, ActQuantizer)
 
 
 class _Tracer(fx.Tracer):
@@ -52,18 +52,19 @@ class IncrementalForward:
     """Outputs of ``model`` on fixed inputs while a few of its parameters change between passes.
 
     Kept values live where the inputs live (the solver's device). A kept value that a later
-    operation modifies in place (an in-place ReLU on its input) is caught by its tensors' version
-    counters: it is dropped, and from then on copied when kept and when reused.
+    operation modifies in place is caught by its tensors' version counters: it is dropped, and
+    from then on copied when kept and when reused.
 
     Parameters
     ----------
     model : nn.Module
-        The model; it must trace with ``torch.fx`` (``QuantLayer``, ``QuantReLU``, ``ActQuantizer``
-        and ``torch.nn`` layers are leaves). Its modules are used as they are at each pass.
+        The model; it must trace with ``torch.fx`` (``QuantLayer``, ``ActQuantizer`` and ``torch.nn``
+        layers are leaves). Its modules are used as they are at each pass.
     owners : sequence of sequence of str
-        For each parameter, the names of the modules it acts on (a module, or any module below it,
-        whose call first reads the parameter). A parameter none of whose modules is called in the
-        graph is taken to affect everything.
+        For each parameter, the names of the modules holding it (a module shared under several
+        names, such as a quantizer two layers read through, under each). The parameter reaches the
+        first operation that calls one of them, a module inside one, or a leaf containing one; a
+        parameter that reaches none is taken to affect everything.
     inputs : sequence of Tensor
         The inputs (batches), fixed for the object's life.
 
@@ -95,7 +96,7 @@ class IncrementalForward:
 
         def first_call(names: Sequence[str]) -> int:
             calls = [i for i, n in enumerate(self.nodes) if n.op == "call_module"
-                     and any(n.target == m or n.target.startswith(m + ".") for m in names)]
+                     and any(f"{n.target}.".startswith(f"{m}.") or m.startswith(f"{n.target}.") for m in names)]
             return min(calls, default=0)
 
         self.start = np.array([first_call(names) for names in owners], dtype=np.int64)

@@ -3,8 +3,8 @@
 A search over quantization parameters (LAPQ's Powell search over clips) runs the same inputs through
 the same model hundreds of times, changing one parameter at a time. :class:`IncrementalForward`
 traces the model once with ``torch.fx`` into its operations in execution order; a parameter
-belongs to the first operation that calls one of its modules, and nothing computed before that
-operation can depend on it. The values that cross each such point (computed before it, read at or
+belongs to the first operation that reads it (calls a module holding it), and nothing computed
+before that operation can depend on it. The values that cross each such point (computed before it, read at or
 after it: in a ResNet block, the block's input and the main path) are kept from the last pass, so
 a pass after a change starts at the first operation the change reaches. The same operations run on
 the same values, so the outputs are bit for bit those of ``model(x)``.
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, fx, nn
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.fx.node import map_aggregate
 
 from qaf.quant.modules import ActQuantizer, QuantLayer
 
@@ -37,15 +37,16 @@ class _Kept:
     """A value kept from a pass, with the version counters of its tensors when it was kept."""
 
     value: Any
-    versions: tuple[int, ...]
+    versions: Any
 
 
-def _versions(value: Any) -> tuple[int, ...]:
-    return tuple(t._version for t in tree_leaves(value) if isinstance(t, Tensor))
+def _versions(value: Any) -> Any:
+    """The version counters of the tensors in ``value`` (a tensor, or tuples, lists, dicts of them)."""
+    return map_aggregate(value, lambda v: v._version if isinstance(v, Tensor) else None)
 
 
 def _copy(value: Any) -> Any:
-    return tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, value)
+    return map_aggregate(value, lambda v: v.clone() if isinstance(v, Tensor) else v)
 
 
 class IncrementalForward:
@@ -143,12 +144,16 @@ class IncrementalForward:
 
     def kept_bytes(self) -> int:
         """Bytes held by the kept values (tensors sharing storage counted once)."""
-        storages = {}
+        storages: dict[int, int] = {}
+
+        def count(v: Any) -> None:
+            if isinstance(v, Tensor):
+                storages[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
+
         for entries in self._kept.values():
             for entry in entries:
-                for t in tree_leaves(entry.value if entry is not None else None):
-                    if isinstance(t, Tensor):
-                        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                if entry is not None:
+                    map_aggregate(entry.value, count)
         return sum(storages.values())
 
     def _intact(self, node: fx.Node, batch: int) -> bool:

@@ -420,7 +420,7 @@ def test_onnx_top1_on_the_full_test_set_is_within_0_1_points(cache_dir, family):
 @pytest.mark.slow
 def test_lapq_on_torchvision_resnet_exports_and_reloads(cache_dir, tmp_path):
     cfg = _cfg(cache_dir, "model=resnet18", "model.pretrained=false", "method=lapq", "method.calib_samples=32",
-               "method.p_count=3", "method.maxiter=0", "method.reuse=false", eval_samples=64)
+               "method.p_count=3", "method.maxiter=0", "method.reuse_blocks=false", eval_samples=64)
     model, data = compressed_model(cfg)
     result = export_run(model, cfg, tmp_path, data.input_size, artifact=True, onnx=True)
     assert read_metadata(result["path"])["manifest"]["split_shared_relus"]

@@ -341,6 +341,6 @@ def test_a_model_fx_cannot_trace_is_evaluated_whole(caplog) -> None:
     model = DataDependent().eval()
     with caplog.at_level(logging.INFO, logger="qaf"):
         method = run(model, progress=True, maxiter=1, policy=LayerPolicy(name="all", stem="bits", classifier="bits"))
-    assert "does not trace with torch.fx" in caplog.text and method.summary["reuse"] is False
+    assert "does not trace with torch.fx" in caplog.text and method.summary["incremental"] is False
     batches = calibration_batches(bundle(), 32, 16, torch.device("cpu"))
     assert whole_loss(model, batches) == pytest.approx(method.summary["loss_final"], rel=1e-6)

@@ -3,8 +3,8 @@
 ``method=lapq bits=4 act_bits=4`` on ResNet-20 (reference policy, 34 clips, 512 calibration images),
 on the solvers' device, from the max-abs clips. The points imitate Powell's first iteration, which
 dominates LAPQ's cost: each evaluation moves one clip, each clip in turn. Timed twice on the same
-points: incremental (``method.reuse=true``, :mod:`qaf.quant.incremental`) and with the model run
-whole at every evaluation (``method.reuse=false``, the slow path); the losses must agree bit for bit.
+points: incremental (``method.reuse_blocks=true``, :mod:`qaf.quant.incremental`) and with the model run
+whole at every evaluation (``method.reuse_blocks=false``, the slow path); the losses must agree bit for bit.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def lapq_figures(device: torch.device) -> dict:
     images = sum(len(y) for _, y in batches)
     figures, losses = {}, {}
     for reuse, sequence in ((True, points), (False, points[::step])):
-        method.reuse = reuse
+        method.reuse_blocks = reuse
         loss = method.objective(model, layers, slots, batches)
         loss(alphas)  # the first evaluation runs the whole model either way
         start = time.perf_counter()

@@ -86,10 +86,11 @@ class LAPQ(Method):
         LAPQ's zero-free 2^b-level grid, or the symmetric 2^b-level grid with zero.
     batch_size : int
         Batch size of the loss evaluation.
-    reuse : bool
+    reuse_blocks : bool
         Loss evaluations recompute only what the clips changed since the last one can affect
         (``qaf.quant.incremental``), and a point evaluated before is answered from memory; exact
-        (the same losses bit for bit), about halves Powell's cost on ResNets.
+        (the same losses bit for bit). The name is that of the block cache this replaced, kept so
+        that the config hash of every LAPQ result stays the same.
     """
 
     name = "lapq"
@@ -97,13 +98,13 @@ class LAPQ(Method):
     def __init__(self, bits: int = 4, act_bits: int = 4, rate: float = 2.0, *, placement: str = "relu",
                  calib_samples: int = 512, p_min: float = 2.0, p_max: float = 4.0, p_count: int = 10,
                  maxiter: int = 2, bias_correction: bool = True, weight_grid: str = "zero_free",
-                 batch_size: int = 256, reuse: bool = True, **options):
+                 batch_size: int = 256, reuse_blocks: bool = True, **options):
         super().__init__(bits=bits, act_bits=act_bits, rate=rate, **options)
         self.placement = placement
         self.calib_samples, self.maxiter, self.batch_size = calib_samples, maxiter, batch_size
         self.p_min, self.p_max, self.p_count = p_min, p_max, p_count
         self.bias_correction, self.weight_grid = bias_correction, weight_grid
-        self.reuse = reuse
+        self.reuse_blocks = reuse_blocks
 
     # ------------------------------------------------------------------ checks
     def check(self, model: nn.Module, ctx: CompressContext) -> None:
@@ -114,7 +115,7 @@ class LAPQ(Method):
         check_number("method.p_max", self.p_max, self.p_min, low_open=True)
         check_choice("method.weight_grid", self.weight_grid, WEIGHT_GRIDS)
         check_choice("method.placement", self.placement, PLACEMENTS)
-        for key in ("bias_correction", "reuse"):
+        for key in ("bias_correction", "reuse_blocks"):
             check_bool(f"method.{key}", getattr(self, key))
         if not any(layer_plan(model, ctx.policy, self.bits, self.act_bits).values()):
             raise ConfigError(f"policy={ctx.policy.name} leaves no layer for method=lapq to quantize")
@@ -196,7 +197,7 @@ class LAPQ(Method):
             "quadratic_fit": [float(c) for c in fit], "p_star": float(p_star), "p_star_fallback": fallback,
             "loss_maxabs": loss_max, "loss_p_star": loss0, "loss_final": loss_final,
             "powell_iterations": iterations, "loss_evaluations": evals["n"],
-            "loss_evaluations_repeated": loss.repeated, "reuse": loss.forward is not None,
+            "loss_evaluations_repeated": loss.repeated, "incremental": loss.forward is not None,
             "calib_samples": sum(len(y) for _, y in batches), "n_clips": int(alpha0.size),
             "weight_clips": list(layers), "activation_clips": [s.owners[0] for s in slots],
             "placement": self.placement, "seconds": elapsed, "weight_grid": self.weight_grid,
@@ -240,14 +241,14 @@ class LAPQ(Method):
 
     def objective(self, model: nn.Module, layers: dict[str, QuantLayer], slots: list[_ActSlot],
                   batches: list[tuple[Tensor, Tensor]]) -> "CalibrationLoss":
-        """The calibration loss over the clips of ``layers`` then ``slots`` (incremental with ``reuse``)."""
+        """The calibration loss over the clips of ``layers`` then ``slots`` (incremental with ``reuse_blocks``)."""
         names: dict[int, list[str]] = {}
         for name, module in model.named_modules(remove_duplicate=False):
             names.setdefault(id(module), []).append(name)
         # A weight clip lives in its layer; an activation clip in its quantizer (under every name it has).
         owners = [[name] for name in layers] + [names[id(slot.quantizer)] for slot in slots]
         return CalibrationLoss(model, batches, lambda alphas, changed: self._apply(layers, slots, alphas, changed),
-                               owners if self.reuse else None)
+                               owners if self.reuse_blocks else None)
 
     # ------------------------------------------------------------------ placement
     def insert_quantizers(self, model: nn.Module, policy: LayerPolicy,

@@ -29,7 +29,7 @@ test: install ## the fast test suite (about 3 minutes on 2 cores; slow tests des
 test-all: install ## every test, slow end-to-end ones included (what CI runs)
 	$(PYTHON) -m pytest -q $(XDIST) -m ""
 
-bench: ## solver speed, ImageNet loaders, ONNX latency table, PyTorch CP speed ratio (prints them, writes bench.json)
+bench: ## solver speed, LAPQ loss evaluations/s, ImageNet loaders, ONNX latency table, PyTorch CP speed ratio (prints them, writes bench.json)
 	$(PYTHON) -m qaf.bench
 
 GPU_CHECK_OUT ?= gpu_check.json

@@ -1,8 +1,11 @@
-"""method=lapq: p* fit guard, Powell never worse than its start, bias correction, clip sharing, data use."""
+"""method=lapq: p* fit guard, Powell never worse than its start, bias correction, clip sharing, data use,
+incremental loss evaluations equal to whole forward passes."""
 
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +15,7 @@ from torch.utils.data import Dataset, TensorDataset
 from qaf.config import ConfigError
 from qaf.data import DataBundle
 from qaf.methods.base import CompressContext
-from qaf.methods.lapq import LAPQ, BlockMemo, calibration_batches, calibration_loss, fit_p_star
+from qaf.methods.lapq import LAPQ, calibration_batches, calibration_loss, fit_p_star
 from qaf.quant.modules import ActQuantizer, QuantLayer, QuantReLU
 from qaf.quant.policy import LayerPolicy
 
@@ -67,6 +70,12 @@ def run(model: nn.Module, progress: bool = False, policy: LayerPolicy = LAPQ_POL
     return method
 
 
+def whole_loss(model: nn.Module, batches: list) -> float:
+    """The calibration loss of ``model`` as it is, by plain forward passes."""
+    with torch.no_grad():
+        return calibration_loss(batches, [model(x) for x, _ in batches])
+
+
 def test_fit_p_star_guards() -> None:
     ps = np.linspace(2, 4, 10)
     p_star, _, fallback = fit_p_star(ps, (ps - 3.2) ** 2 + 1)
@@ -87,7 +96,7 @@ def test_powell_never_returns_a_loss_above_its_start(maxiter: int, caplog) -> No
     assert s["loss_final"] <= s["loss_p_star"]
     assert s["loss_evaluations"] > 1 + s["n_clips"]  # Powell really searched
     batches = calibration_batches(bundle(), 32, 16, torch.device("cpu"))
-    assert calibration_loss(model, batches) == pytest.approx(s["loss_final"], rel=1e-6)  # model holds the best
+    assert whole_loss(model, batches) == pytest.approx(s["loss_final"], rel=1e-6)  # model holds the best
 
 
 def test_layers_clips_and_float_policy() -> None:
@@ -187,33 +196,6 @@ def test_uniform_policy_puts_lapq_and_ptq_on_the_same_bops() -> None:
     assert bops["ptq"]["layer1.0.conv1.layer"] == (4, 4) and bops["ptq"]["layer3.2.conv2.layer"] == (4, 4)
 
 
-def test_block_memo_is_exact() -> None:
-    model, ref = tiny_resnet(), tiny_resnet()
-    method = run(model, maxiter=0)
-    run(ref, maxiter=0)
-    layers = {r["name"]: model.get_submodule(r["name"]) for r in method.report}
-    ref_layers = {n: ref.get_submodule(n) for n in layers}
-    slots = sorted({id(l.act): l.act for l in layers.values()}.items())
-    batches = calibration_batches(bundle(), 32, 16, torch.device("cpu"))
-    owners = [[n] for n in layers] + [[n for n, l in layers.items() if l.act is q] for _, q in slots]
-    memo = BlockMemo(model, owners, batches[0][0])
-    assert memo.blocks == ["0", "1", "2", "3.0", "3.1", "4", "5", "6"]
-    rng = np.random.default_rng(0)
-    alphas = np.array([float(l.weight_grid.alpha) for l in layers.values()] + [1.0] * len(slots))
-    from qaf.quant.uniform import symmetric_grid, unsigned_grid
-    try:
-        for _ in range(6):
-            alphas[rng.integers(alphas.size)] *= 0.7
-            for net_layers in (layers, ref_layers):
-                for a, l in zip(alphas, net_layers.values()):
-                    l.set_weight_grid(symmetric_grid(torch.tensor(a), 3, zero_free=True), bias_correction=True)
-                for a, (_, n) in zip(alphas[len(layers):], [(0, o[0]) for o in owners[len(layers):]]):
-                    net_layers[n].act.set_grid(unsigned_grid(torch.tensor(a), 3))
-            assert calibration_loss(model, batches, memo, alphas) == calibration_loss(ref, batches)
-    finally:
-        memo.close()
-
-
 @pytest.mark.parametrize("options,key", [({"weight_grid": "zero"}, "method.weight_grid"),
                                          ({"maxiter": -1}, "method.maxiter"),
                                          ({"p_min": 4.0, "p_max": 2.0}, "method.p_max"),
@@ -235,22 +217,130 @@ def test_everything_quantized_when_the_policy_says_so() -> None:
     assert model[0].act.grid.bounds()[0] < 0
 
 
-def test_block_memo_restores_forwards_that_blocks_already_had() -> None:
-    # split_shared_relus gives torchvision blocks an instance forward; closing the memo must keep it.
-    from torchvision.models.resnet import BasicBlock, ResNet
+def prepared(build, placement: str, policy: LayerPolicy, size: int) -> SimpleNamespace:
+    """A model built by ``build()`` with LAPQ's quantizers, observed on two random batches: the model,
+    batches, weight clip names, max-abs clips, LAPQ's objective, and a function applying all clips."""
+    model = build().eval()
+    x = torch.randn(16, 3, size, size, generator=torch.Generator().manual_seed(2))
+    batches = [(x[i:i + 8], torch.randint(0, 4, (8,), generator=torch.Generator().manual_seed(i)))
+               for i in range(0, 16, 8)]
+    method = LAPQ(bits=3, act_bits=3, placement=placement)
+    layers, slots = method.insert_quantizers(model, policy, x[:2])
+    for slot in slots:
+        slot.quantizer.mode = "observe"
+    whole_loss(model, batches)
+    alphas = method.clips(layers, slots, [slot.quantizer.sample() for slot in slots], None)
+    return SimpleNamespace(model=model, batches=batches, weight_clips=list(layers), alphas=alphas,
+                           loss=method.objective(model, layers, slots, batches),
+                           apply_all=lambda a: method._apply(layers, slots, a, np.arange(a.size)))
 
-    from qaf.models.torchvision_models import split_shared_relus
 
-    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10).eval()
-    split_shared_relus(model)
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        before = model(x)
-    patched = {n: m.__dict__["forward"] for n, m in model.named_modules() if isinstance(m, BasicBlock)}
-    memo = BlockMemo(model, [["layer1.0.conv1"]], x)
-    assert set(patched) <= set(memo.blocks)
-    memo.close()
-    for name, forward in patched.items():
-        assert model.get_submodule(name).__dict__["forward"] is forward
-    with torch.no_grad():
-        assert torch.equal(model(x), before)
+def cifar_resnet20() -> nn.Module:
+    from qaf.models.cifar_resnet import build
+
+    return build(20)
+
+
+def torchvision_resnet18() -> nn.Module:
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(weights=None, num_classes=10)
+
+
+@pytest.mark.parametrize("build,placement,policy,size", [
+    (tiny_resnet, "input", UNIFORM, 8),
+    (tiny_resnet, "relu", UNIFORM, 8),
+    (cifar_resnet20, "relu", LAPQ_POLICY, 16),
+    (torchvision_resnet18, "relu", LAPQ_POLICY, 32),
+    (torchvision_resnet18, "input", UNIFORM, 32),
+], ids=["tiny-input-uniform", "tiny-relu-uniform", "resnet20-relu-lapq", "resnet18-relu-lapq",
+        "resnet18-input-uniform"])
+def test_incremental_loss_equals_a_whole_forward_of_an_independent_copy(build, placement, policy, size) -> None:
+    # The reusing loss on one model against plain forward passes of a second, identically built
+    # model on which every clip is applied afresh: equal bit for bit, for random clip changes
+    # (one or a few clips, revisited points, everything at once).
+    run, twin = prepared(build, placement, policy, size), prepared(build, placement, policy, size)
+    loss = run.loss
+    assert loss.forward is not None
+    rng = np.random.default_rng(0)
+    points = [run.alphas]
+    for step in range(10):
+        a = points[-1].copy()
+        if step % 4 == 3:
+            a = points[rng.integers(len(points))]  # a point seen before
+        elif step == 5:
+            a = a * rng.uniform(0.7, 1.1, a.size)  # every clip at once
+        else:
+            for i in rng.choice(a.size, size=rng.integers(1, 3), replace=False):
+                a[i] *= rng.uniform(0.5, 1.1)
+        points.append(a)
+        twin.apply_all(a)
+        assert loss(a) == whole_loss(twin.model, twin.batches)
+    assert loss.repeated >= 2
+
+
+def test_incremental_loss_runs_only_what_a_change_reaches() -> None:
+    run = prepared(tiny_resnet, "input", UNIFORM, 8)
+    calls = {name: 0 for name in ("0", "3.0.conv1", "3.1.conv2", "6")}
+    for name in calls:
+        run.model.get_submodule(name).register_forward_pre_hook(
+            lambda *_, n=name: calls.__setitem__(n, calls[n] + 1))
+    run.loss(run.alphas)
+    assert set(calls.values()) == {len(run.batches)}
+    a = run.alphas.copy()
+    a[run.weight_clips.index("3.1.conv2")] *= 0.8  # the last conv's clip: the stem and first block are not rerun
+    run.loss(a)
+    assert calls == {"0": 2, "3.0.conv1": 2, "3.1.conv2": 4, "6": 4}
+    a[run.weight_clips.index("6")] *= 0.8  # the classifier's: only the classifier reruns
+    run.loss(a)
+    assert calls == {"0": 2, "3.0.conv1": 2, "3.1.conv2": 4, "6": 6}
+    run.loss(run.alphas)  # seen before: answered from memory, nothing runs
+    assert calls == {"0": 2, "3.0.conv1": 2, "3.1.conv2": 4, "6": 6} and run.loss.repeated == 1
+    assert whole_loss(run.model, run.batches) == run.loss(run.alphas)  # the model carries the clips asked for
+
+
+class Doubling(nn.Module):
+    """Modifies its input in place (not idempotent, unlike an in-place ReLU)."""
+
+    def forward(self, x):
+        return x.mul_(2)
+
+
+def test_incremental_forward_copies_values_that_are_modified_in_place() -> None:
+    from qaf.quant.incremental import IncrementalForward
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), QuantLayer(nn.Linear(4, 4), 8, 8, act=Doubling()), nn.Linear(4, 3))
+    inputs = [torch.randn(5, 4), torch.randn(5, 4)]
+    forward = IncrementalForward(model, [["0"], ["1"], ["2"]], inputs)
+    layers = [model[0], model[1].layer, model[2]]
+    values = np.zeros(3)
+    for i in (0, 1, 1, 2, 1, 0, 1):  # the doubling layer's input is kept for passes starting there
+        values[i] += 1
+        with torch.no_grad():
+            layers[i].weight.mul_(0.9)
+            expected = [model(x) for x in inputs]
+        assert all(torch.equal(a, b) for a, b in zip(forward.outputs(values), expected, strict=True))
+    assert [n.target for n in forward.copied] == ["0"]
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        out = self.conv(x)
+        if out.mean() > 0:  # torch.fx cannot trace this
+            out = -out
+        return self.fc(out.mean((2, 3)))
+
+
+def test_a_model_fx_cannot_trace_is_evaluated_whole(caplog) -> None:
+    model = DataDependent().eval()
+    with caplog.at_level(logging.INFO, logger="qaf"):
+        method = run(model, progress=True, maxiter=1, policy=LayerPolicy(name="all", stem="bits", classifier="bits"))
+    assert "does not trace with torch.fx" in caplog.text and method.summary["incremental"] is False
+    batches = calibration_batches(bundle(), 32, 16, torch.device("cpu"))
+    assert whole_loss(model, batches) == pytest.approx(method.summary["loss_final"], rel=1e-6)

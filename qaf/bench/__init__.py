@@ -3,6 +3,7 @@
 - :mod:`qaf.bench.solvers`: ALS against tensorly and its FLOP bound, AO-ADMM per outer iteration,
   the whole ResNet-18 ``admm_epc`` (``--resnet18-solver``);
 - :mod:`qaf.bench.paper_grid`: every factorization of the paper's ResNet-18 table (``--paper-grid``);
+- :mod:`qaf.bench.lapq`: LAPQ's calibration-loss evaluations per second, incremental and whole;
 - :mod:`qaf.bench.latency`: onnxruntime images/s of float / PTQ / CP / QSWD models and the PyTorch
   CP evaluation ratio (docs/export.md);
 - :mod:`qaf.bench.loaders`: images/s of ``data=imagenet``'s loaders by worker count and decoder

@@ -1,4 +1,4 @@
-"""``python -m qaf.bench [--quick] [--only solvers|latency|loaders] [--paper-grid]``: the benchmarks of :mod:`qaf.bench`."""
+"""``python -m qaf.bench [--quick] [--only solvers|lapq|latency|loaders] [--paper-grid]``: the benchmarks of :mod:`qaf.bench`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from qaf.bench import ROOT, SHARED_DATA, peak_mem_gb
+from qaf.bench.lapq import lapq_figures
 from qaf.bench.latency import BATCHES, latency_table
 from qaf.bench.loaders import loader_figures
 from qaf.bench.paper_grid import paper_grid
@@ -21,10 +22,10 @@ from qaf.bench.solvers import solver_figures
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark, print the figures and write ``bench.json``."""
     parser = argparse.ArgumentParser(
-        description="qaf benchmarks: solver speed, model latency, ImageNet loaders (bench.json)")
+        description="qaf benchmarks: solver speed, LAPQ loss evaluations, model latency, ImageNet loaders (bench.json)")
     parser.add_argument("--quick", action="store_true",
                         help="fewer sweeps and repeats; latency of ResNet-20 only, onnxruntime default level only")
-    parser.add_argument("--only", choices=("solvers", "latency", "loaders"), default=None, help="run one part only")
+    parser.add_argument("--only", choices=("solvers", "lapq", "latency", "loaders"), default=None, help="run one part only")
     parser.add_argument("--latency", action="store_true", help="same as --only latency")
     parser.add_argument("--resnet18-solver", action="store_true",
                         help="time the whole ResNet-18 admm_epc at rate 2, 4 bits even with --quick (always "
@@ -61,6 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         if args.only in (None, "solvers"):
             result.update(solver_figures(args, device))
+        if args.only in (None, "lapq"):
+            result.update(lapq_figures(device))
         if args.only in (None, "loaders"):
             result["loaders"] = loader_figures(args)
         if args.only in (None, "latency"):

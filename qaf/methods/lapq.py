@@ -22,6 +22,9 @@ Steps (as LAPQ's ``lapq_v2.py`` does them; docs/baselines.md lists the slots and
    outside the sweep falls back to the best swept ``p``).
 4. Joint Powell search over all clips from ``alpha(p*)``; the best point evaluated is kept, so the
    result is never worse than the start.
+
+Each loss evaluation recomputes only what the clips changed since the previous one can affect
+(``CalibrationLoss``, ``qaf.quant.incremental``): the same losses bit for bit as whole forward passes.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from tqdm import tqdm
 from qaf.config import ConfigError, option
 from qaf.methods.base import CompressContext, Method
 from qaf.models.torchvision_models import split_shared_relus
+from qaf.quant.incremental import IncrementalForward
 from qaf.quant.modules import ActQuantizer, QuantLayer, QuantReLU, mark_batchnorm, set_input_bits, set_submodule
 from qaf.quant.policy import LayerPolicy, layer_plan, layer_roles
 from qaf.quant.uniform import make_grid, symmetric_grid, unsigned_grid
@@ -100,8 +104,10 @@ class LAPQ(Method):
     batch_size : int
         Batch size of the loss evaluation.
     reuse_blocks : bool
-        Reuse the cached outputs of blocks (children of ``nn.Sequential``) that precede every clip
-        changed since the last evaluation (exact; about halves Powell's cost on ResNets).
+        Loss evaluations recompute only what the clips changed since the last one can affect
+        (``qaf.quant.incremental``), and a point evaluated before is answered from memory; exact
+        (the same losses bit for bit). The name is that of the block cache this replaced, kept so
+        that the config hash of every LAPQ result stays the same.
     """
 
     name = "lapq"
@@ -124,40 +130,29 @@ class LAPQ(Method):
     def compress(self, model: nn.Module, ctx: CompressContext) -> list[dict]:
         """Quantize ``model`` in place with LAPQ; fills ``self.summary``."""
         start = time.perf_counter()
-        model.to(ctx.device).eval()
-        batches = calibration_batches(ctx.data, self.calib_samples, self.batch_size, ctx.device)
-        layers, slots = self.insert_quantizers(model, ctx.policy, batches[0][0])
-
-        # Activation statistics of the float model (quantizers observe; weights still float).
-        for slot in slots:
-            slot.quantizer.mode = "observe"
-        with torch.no_grad():
-            for x, _ in batches:
-                model(x)
-        samples = [slot.quantizer.sample() for slot in slots]
-        for slot in slots:
-            slot.quantizer.mode = "off"
+        layers, slots, batches, samples = self.prepare(model, ctx)
 
         def lp_clips(p: float | None) -> np.ndarray:
-            return self._clips(layers, slots, samples, p)
+            return self.clips(layers, slots, samples, p)
 
         evals = {"n": 0}
         best = {"loss": float("inf"), "x": None}
-        owners = [[name] for name in layers] + [slot.owners for slot in slots]
-        memo = BlockMemo(model, owners, batches[0][0]) if self.reuse_blocks else None
+        loss = self.objective(model, layers, slots, batches)
+        if loss.untraced:
+            ctx.log("lapq: the model does not trace with torch.fx (%s): every loss evaluation runs it whole",
+                    loss.untraced)
 
         # Powell runs hundreds of loss evaluations: a progress bar, not a line each.
         bar = tqdm(desc="lapq loss evaluations", unit="eval", disable=not ctx.progress, leave=False, mininterval=2)
 
         def loss_at(alphas: np.ndarray) -> float:
-            self._apply(layers, slots, alphas)
-            loss = calibration_loss(model, batches, memo, alphas)
+            value = loss(alphas)
             evals["n"] += 1
-            if loss < best["loss"]:
-                best["loss"], best["x"] = loss, np.array(alphas, dtype=np.float64)
+            if value < best["loss"]:
+                best["loss"], best["x"] = value, np.array(alphas, dtype=np.float64)
             bar.update()
             bar.set_postfix(best=f"{best['loss']:.4f}", refresh=False)
-            return loss
+            return value
 
         try:
             alpha_max = lp_clips(None)
@@ -194,8 +189,6 @@ class LAPQ(Method):
             loss_final = loss_at(final)  # re-applies the best clips to the model
         finally:
             bar.close()
-            if memo is not None:
-                memo.close()
         for slot in slots:
             slot.quantizer.mode = "quant"
         elapsed = time.perf_counter() - start
@@ -207,6 +200,7 @@ class LAPQ(Method):
             "quadratic_fit": [float(c) for c in fit], "p_star": float(p_star), "p_star_fallback": fallback,
             "loss_maxabs": loss_max, "loss_p_star": loss0, "loss_final": loss_final,
             "powell_iterations": iterations, "loss_evaluations": evals["n"],
+            "loss_evaluations_repeated": loss.repeated, "incremental": loss.forward is not None,
             "calib_samples": sum(len(y) for _, y in batches), "n_clips": int(alpha0.size),
             "weight_clips": list(layers), "activation_clips": [s.owners[0] for s in slots],
             "placement": self.placement, "seconds": elapsed, "weight_grid": self.weight_grid,
@@ -223,6 +217,41 @@ class LAPQ(Method):
                     "a_alpha": float(final[n_w + j]), "a_shared_by": slot.owners[1:]}
                    for j, slot in enumerate(slots)]
         return report
+
+    def prepare(self, model: nn.Module, ctx: CompressContext) -> tuple[dict[str, QuantLayer], list[_ActSlot],
+                                                                      list[tuple[Tensor, Tensor]], list[Tensor]]:
+        """Put ``model`` on ``ctx.device`` with its quantizers, and observe the float model's activations.
+
+        Returns
+        -------
+        tuple
+            The quantized layers by name, the activation slots, the calibration batches (on
+            ``ctx.device``) and each slot's activation sample.
+        """
+        model.to(ctx.device).eval()
+        batches = calibration_batches(ctx.data, self.calib_samples, self.batch_size, ctx.device)
+        layers, slots = self.insert_quantizers(model, ctx.policy, batches[0][0])
+        # Activation statistics of the float model (quantizers observe; weights still float).
+        for slot in slots:
+            slot.quantizer.mode = "observe"
+        with torch.no_grad():
+            for x, _ in batches:
+                model(x)
+        samples = [slot.quantizer.sample() for slot in slots]
+        for slot in slots:
+            slot.quantizer.mode = "off"
+        return layers, slots, batches, samples
+
+    def objective(self, model: nn.Module, layers: dict[str, QuantLayer], slots: list[_ActSlot],
+                  batches: list[tuple[Tensor, Tensor]]) -> "CalibrationLoss":
+        """The calibration loss over the clips of ``layers`` then ``slots`` (incremental with ``reuse_blocks``)."""
+        names: dict[int, list[str]] = {}
+        for name, module in model.named_modules(remove_duplicate=False):
+            names.setdefault(id(module), []).append(name)
+        # A weight clip lives in its layer; an activation clip in its quantizer (under every name it has).
+        owners = [[name] for name in layers] + [names[id(slot.quantizer)] for slot in slots]
+        return CalibrationLoss(model, batches, lambda alphas, changed: self._apply(layers, slots, alphas, changed),
+                               owners if self.reuse_blocks else None)
 
     # ------------------------------------------------------------------ placement
     def insert_quantizers(self, model: nn.Module, policy: LayerPolicy,
@@ -301,8 +330,8 @@ class LAPQ(Method):
         return slots
 
     # ------------------------------------------------------------------ clips
-    def _clips(self, layers: dict[str, QuantLayer], slots: list[_ActSlot], samples: list[Tensor],
-               p: float | None) -> np.ndarray:
+    def clips(self, layers: dict[str, QuantLayer], slots: list[_ActSlot], samples: list[Tensor],
+              p: float | None) -> np.ndarray:
         """Lp-optimal clips (``p=None``: max-abs) of all weights, then all activations."""
         clip = "minmax" if p is None else "lp"
         p = 2.0 if p is None else p
@@ -312,14 +341,19 @@ class LAPQ(Method):
                 for s, slot in zip(samples, slots)]
         return np.array([float(a) for a in out], dtype=np.float64)
 
-    def _apply(self, layers: dict[str, QuantLayer], slots: list[_ActSlot], alphas: np.ndarray) -> None:
-        """Put every layer's weight and every activation quantizer on the grids of ``alphas``."""
+    def _apply(self, layers: dict[str, QuantLayer], slots: list[_ActSlot], alphas: np.ndarray,
+               changed: np.ndarray) -> None:
+        """Put the layers and activation quantizers whose clips are ``changed`` (indices into ``alphas``,
+        weights then activations) on the grids of ``alphas``; the others already are."""
         zero_free = self.weight_grid == "zero_free"
-        for alpha, layer in zip(alphas, layers.values()):
-            a = torch.tensor(float(alpha), device=layer.weight_fp.device)
+        names, n_w = list(layers), len(layers)
+        for i in changed[changed < n_w]:
+            layer = layers[names[i]]
+            a = torch.tensor(float(alphas[i]), device=layer.weight_fp.device)
             layer.set_weight_grid(symmetric_grid(a, layer.w_bits, zero_free), bias_correction=self.bias_correction)
-        for alpha, slot in zip(alphas[len(layers):], slots):
-            a = torch.tensor(float(alpha), device=slot.quantizer.running_max.device)
+        for j in changed[changed >= n_w] - n_w:
+            slot = slots[j]
+            a = torch.tensor(float(alphas[n_w + j]), device=slot.quantizer.running_max.device)
             grid = unsigned_grid(a, slot.bits) if slot.unsigned else symmetric_grid(a, slot.bits)
             slot.quantizer.set_grid(grid)
             slot.quantizer.mode = "quant"
@@ -365,109 +399,100 @@ def calibration_batches(data, samples: int, batch_size: int, device: torch.devic
 
 
 @torch.no_grad()
-def calibration_loss(model: nn.Module, batches: list[tuple[Tensor, Tensor]], memo: "BlockMemo | None" = None,
-                     alphas: np.ndarray | None = None) -> float:
-    """Mean cross-entropy of ``model`` over the calibration batches (per image).
+def calibration_loss(batches: list[tuple[Tensor, Tensor]], outputs: list[Tensor]) -> float:
+    """Mean cross-entropy per image of the model ``outputs`` on the calibration ``batches``.
 
     Parameters
     ----------
-    model : nn.Module
-        The model with its clips applied.
     batches : list of (Tensor, Tensor)
         Calibration images and labels.
-    memo : BlockMemo, optional
-        Block-output cache; needs the ``alphas`` the model currently carries.
-    alphas : np.ndarray, optional
-        The clips applied (for ``memo``).
+    outputs : list of Tensor
+        The model's logits on each batch.
 
     Returns
     -------
     float
-        Cross-entropy per image.
+        Cross-entropy per image (summed per batch, as the reference does).
     """
-    if memo is not None:
-        memo.begin(alphas)
     total, count = 0.0, 0
-    for i, (x, y) in enumerate(batches):
-        if memo is not None:
-            memo.batch = i
-        total += F.cross_entropy(model(x), y, reduction="sum").item()
+    for logits, (_, y) in zip(outputs, batches, strict=True):
+        total += F.cross_entropy(logits, y, reduction="sum").item()
         count += len(y)
     return total / count
 
 
-class BlockMemo:
-    """Reuse outputs of blocks that no changed clip can affect.
+class CalibrationLoss:
+    """LAPQ's objective: the calibration loss of ``model`` as a function of its clips.
 
-    Blocks are the outermost children of ``nn.Sequential`` containers (nested ``Sequential``s are
-    looked through), in execution order; each must
-    run once per forward and feed the next (true of ResNets, VGG-style nets).  A clip belongs to the
-    first block holding one of its layers; when clips change, every block from the earliest owner on
-    is recomputed and the earlier ones are served from the cache.  Clips of layers outside any block
-    invalidate everything.
+    Each call applies the clips that changed since the previous call (``apply``), then runs the
+    model on the calibration batches: whole, or, given ``owners``, from the first operation a
+    changed clip reaches (:class:`qaf.quant.incremental.IncrementalForward`) and with a point
+    evaluated before answered from memory (each Powell line search starts at its current point).
 
     Parameters
     ----------
     model : nn.Module
-        The model (block ``forward`` methods are patched until ``close``).
-    owners : list of list of str
-        For each clip, the names of the layers it acts on.
-    x : Tensor
-        A sample batch, to find the execution order.
+        The model with its quantizers in place.
+    batches : list of (Tensor, Tensor)
+        Calibration images and labels.
+    apply : callable
+        ``apply(alphas, changed)`` puts the clips ``alphas[changed]`` on the model.
+    owners : list of list of str, optional
+        The modules each clip acts on: evaluate incrementally and remember evaluated points (None:
+        run the model whole every time).
+
+    Attributes
+    ----------
+    forward : IncrementalForward or None
+        The incremental forward pass (None: the model runs whole).
+    untraced : str
+        Why ``owners`` were given but the model runs whole (``torch.fx`` cannot trace it), or "".
+    repeated : int
+        Calls answered from memory.
     """
 
-    def __init__(self, model: nn.Module, owners: list[list[str]], x: Tensor):
-        seqs = [n for n, m in model.named_modules() if isinstance(m, nn.Sequential)]
-        candidates = [f"{s}.{c}" if s else c for s in seqs
-                      for c, m in model.get_submodule(s).named_children() if not isinstance(m, nn.Sequential)]
-        outer = [n for n in candidates if not any(n.startswith(o + ".") for o in candidates if o != n)]
-        order: list[str] = []
-        trace_inputs(model, outer, x, lambda n, _args: order.append(n))
-        self.blocks = order if len(order) == len(set(order)) else []  # a block run twice: no reuse
-        position = {n: i for i, n in enumerate(self.blocks)}
+    def __init__(self, model: nn.Module, batches: list[tuple[Tensor, Tensor]],
+                 apply: Callable[[np.ndarray, np.ndarray], None], owners: list[list[str]] | None = None):
+        self.model, self.batches, self.apply = model, batches, apply
+        self.forward: IncrementalForward | None = None
+        self.untraced, self.repeated = "", 0
+        if owners is not None:
+            try:
+                self.forward = IncrementalForward(model, owners, [x for x, _ in batches])
+            except Exception as err:  # any model torch.fx cannot trace: the whole forward is as exact
+                self.untraced = f"{type(err).__name__}: {err}"
+        self._seen: dict[bytes, float] | None = {} if owners is not None else None
+        self._applied: np.ndarray | None = None
 
-        def owner(layer: str) -> int:
-            hits = [position[b] for b in self.blocks if layer.startswith(b + ".")]
-            return min(hits) if hits else 0
+    def __call__(self, alphas: np.ndarray) -> float:
+        """The calibration loss at clips ``alphas`` (weights, then activations); the model keeps them.
 
-        self.owner = np.array([min(owner(n) for n in names) for names in owners])
-        self.batch = 0
-        self._fresh_below = 0
-        self._last: np.ndarray | None = None
-        self._cache: list[dict[int, Tensor]] = [{} for _ in self.blocks]
-        self._modules = [model.get_submodule(n) for n in self.blocks]
-        # A block may already carry an instance ``forward`` (split_shared_relus patches torchvision
-        # blocks): remember it so ``close`` puts back exactly what was there.
-        self._own_forward = [m.__dict__.get("forward") for m in self._modules]
-        for pos, module in enumerate(self._modules):
-            module.forward = self._wrap(pos, module.forward)
+        Parameters
+        ----------
+        alphas : np.ndarray
+            All clips.
 
-    def _wrap(self, pos: int, forward):
-        def cached_forward(*args, **kwargs):
-            if pos < self._fresh_below and self.batch in self._cache[pos]:
-                return self._cache[pos][self.batch]
-            out = forward(*args, **kwargs)
-            self._cache[pos][self.batch] = out
-            return out
-        return cached_forward
-
-    def begin(self, alphas: np.ndarray) -> None:
-        """Start an evaluation at clips ``alphas``: invalidate blocks from the first changed owner."""
-        if self._last is None or self._last.shape != alphas.shape:
-            self._fresh_below = 0
-        else:
-            changed = np.flatnonzero(alphas != self._last)
-            self._fresh_below = int(self.owner[changed].min()) if changed.size else len(self.blocks)
-        self._last = np.array(alphas, dtype=np.float64)
-
-    def close(self) -> None:
-        """Restore the blocks' own ``forward`` and drop the cache."""
-        for module, own in zip(self._modules, self._own_forward):
-            if own is None:
-                del module.forward
-            else:
-                module.forward = own
-        self._cache = [{} for _ in self.blocks]
+        Returns
+        -------
+        float
+            Cross-entropy per calibration image.
+        """
+        alphas = np.array(alphas, dtype=np.float64)
+        changed = (np.arange(alphas.size) if self._applied is None
+                   else np.flatnonzero(alphas != self._applied))
+        self.apply(alphas, changed)
+        self._applied = alphas
+        key = alphas.tobytes()
+        if self._seen is not None and key in self._seen:
+            self.repeated += 1
+            return self._seen[key]
+        with torch.no_grad():
+            outputs = (self.forward.outputs(alphas) if self.forward is not None
+                       else [self.model(x) for x, _ in self.batches])
+        value = calibration_loss(self.batches, outputs)
+        if self._seen is not None:
+            self._seen[key] = value
+        return value
 
 
 def fit_p_star(ps: np.ndarray, losses: np.ndarray) -> tuple[float, np.ndarray, str]:

@@ -3,7 +3,7 @@ PYTHON ?= python
 PIP ?= $(PYTHON) -m pip
 
 .DEFAULT_GOAL := help
-.PHONY: help install run sweep test test-all bench gpu-check tables clean screenshot
+.PHONY: help install run sweep test test-all mutants bench gpu-check tables clean screenshot
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ test: install ## the fast test suite (about 3 minutes on 2 cores; slow tests des
 
 test-all: install ## every test, slow end-to-end ones included (what CI runs)
 	$(PYTHON) -m pytest -q $(XDIST) -m ""
+
+mutants: install ## deliberate bugs one at a time: which default-suite test catches each (tests/mutants.py)
+	$(PYTHON) tests/mutants.py
 
 bench: ## solver speed, LAPQ loss evaluations/s, ImageNet loaders, ONNX latency table, PyTorch CP speed ratio (prints them, writes bench.json)
 	$(PYTHON) -m qaf.bench

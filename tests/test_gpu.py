@@ -49,7 +49,7 @@ def test_observer_on_cuda_matches_the_cpu_and_keeps_observing_after_a_merge() ->
         q(x.to(device))
         q.observer.merge([q.observer.observation(), {k: v.cpu() for k, v in q.observer.observation().items()}])
         q(x.to(device) * 2)
-        samples[device] = q.sample()
+        samples[device] = q.observer.sample()
         q.mode = "quant"
         grids[device] = q.grid
     assert samples["cuda"].device.type == "cuda"

@@ -229,7 +229,7 @@ def prepared(build, placement: str, policy: LayerPolicy, size: int) -> SimpleNam
     for slot in slots:
         slot.quantizer.mode = "observe"
     whole_loss(model, batches)
-    alphas = method.clips(layers, slots, [slot.quantizer.sample() for slot in slots], None)
+    alphas = method.clips(layers, slots, [slot.quantizer.observer.sample() for slot in slots], None)
     return SimpleNamespace(model=model, batches=batches, weight_clips=list(layers), alphas=alphas,
                            loss=method.objective(model, layers, slots, batches),
                            apply_all=lambda a: method._apply(layers, slots, a, np.arange(a.size)))

@@ -195,8 +195,8 @@ def test_act_quantizer_modes() -> None:
     q.mode = "observe"
     for i in range(10):
         assert torch.equal(q(x * (1 + i)), x * (1 + i))
-    assert q.sample().numel() <= 5000 + 2  # bounded memory (plus the two extremes)
-    assert float(q.running_max) == pytest.approx(float((x * 10).max()))
+    assert q.observer.sample().numel() <= 5000 + 2  # bounded memory (plus the two extremes)
+    assert float(q.observer.running_max) == pytest.approx(float((x * 10).max()))
     q.mode = "quant"
     y = q(x)
     assert torch.unique(y).numel() <= 16 and not torch.equal(y, x)
@@ -253,7 +253,7 @@ def test_observation_is_independent_of_batch_order_and_merges_exactly() -> None:
             single(x)
             (rank0 if i % 2 == 0 else rank1)(x)
     rank0.observer.merge([rank0.observer.observation(), rank1.observer.observation()])
-    assert torch.equal(single.sample(), rank0.sample())
+    assert torch.equal(single.observer.sample(), rank0.observer.sample())
     single.mode = rank0.mode = "quant"
     assert torch.equal(single.grid.scale, rank0.grid.scale)
 

@@ -237,7 +237,7 @@ class LAPQ(Method):
         with torch.no_grad():
             for x, _ in batches:
                 model(x)
-        samples = [slot.quantizer.sample() for slot in slots]
+        samples = [slot.quantizer.observer.sample() for slot in slots]
         for slot in slots:
             slot.quantizer.mode = "off"
         return layers, slots, batches, samples
@@ -353,7 +353,7 @@ class LAPQ(Method):
             layer.set_weight_grid(symmetric_grid(a, layer.w_bits, zero_free), bias_correction=self.bias_correction)
         for j in changed[changed >= n_w] - n_w:
             slot = slots[j]
-            a = torch.tensor(float(alphas[n_w + j]), device=slot.quantizer.running_max.device)
+            a = torch.tensor(float(alphas[n_w + j]), device=slot.quantizer.observer.running_max.device)
             grid = unsigned_grid(a, slot.bits) if slot.unsigned else symmetric_grid(a, slot.bits)
             slot.quantizer.set_grid(grid)
             slot.quantizer.mode = "quant"

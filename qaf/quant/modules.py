@@ -79,19 +79,10 @@ class ActQuantizer(LayerType):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is invalid: accepted {', '.join(MODES)}")
         if mode == "quant" and (self._unfitted or self.grid is None):
-            self.grid = make_grid(self.sample(), self.bits, symmetric=self.symmetric, unsigned=self.unsigned,
+            self.grid = make_grid(self.observer.sample(), self.bits, symmetric=self.symmetric, unsigned=self.unsigned,
                                   clip=self.clip, p=self.p)
             self._unfitted = False
         self._mode = mode
-
-    def sample(self) -> Tensor:
-        """The observer's subsample (:meth:`qaf.quant.observer.Observer.sample`)."""
-        return self.observer.sample()
-
-    @property
-    def running_max(self) -> Tensor:
-        """The largest value observed."""
-        return self.observer.running_max
 
     def set_grid(self, grid: Grid) -> None:
         """Use ``grid`` as is (a method chose the clip itself); earlier observations will not refit it."""

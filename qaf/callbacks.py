@@ -40,7 +40,7 @@ class SweepSummary(Callback):
             from qaf.report.collect import launch_from_hydra, record_launch
 
             self.sweep_dir = Path(str(config.hydra.sweep.dir))
-            self.launch = launch_from_hydra(_hydra_node(config))
+            self.launch = launch_from_hydra(_hydra_node(config), argv=sys.argv)
             record_launch(self.sweep_dir, self.launch)
         except Exception as err:  # noqa: BLE001 - never stop a sweep for its bookkeeping
             _say(f"cannot record the launch ({type(err).__name__}: {err})")

@@ -519,6 +519,11 @@ def bops_note(convention: str, reason: str | None = None) -> str:
     return BOPS_NOTES[convention] + (f" ({reason})" if reason else "")
 
 
+def code_labels(jobs: Iterable[Job]) -> list[str]:
+    """The code versions (:func:`qaf.provenance.code_label`) the finished jobs' results come from."""
+    return sorted({code_label(j.metrics.code) for j in jobs if j.status == OK and j.metrics})
+
+
 def problem_jobs(jobs: Iterable[Job]) -> list[Job]:
     """The jobs without results (every status but ``ok``), in order."""
     return [j for j in jobs if j.status != OK]
@@ -568,7 +573,7 @@ def render_markdown(rows: Sequence[Row], jobs: Sequence[Job], title: str,
     lines = [f"# {title}", "", *markdown_table(main_table(rows, bops_text))]
     ok = sum(j.status == OK for j in jobs)
     lines += ["", f"{ok} of {len(jobs)} jobs finished."]
-    codes = sorted({code_label(j.metrics.code) for j in jobs if j.status == OK and j.metrics})
+    codes = code_labels(jobs)
     if codes:
         lines += [f"Code: {', '.join(codes)} (git commit of the jobs' results)."]
     problems = problem_jobs(jobs)

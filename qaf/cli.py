@@ -15,8 +15,9 @@ import os
 import re
 import sys
 import traceback
+from collections.abc import Callable, Sequence
 from types import CodeType, TracebackType
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf.errors import OmegaConfBaseException

@@ -28,8 +28,8 @@ def one_error_line(status: int, err: str) -> str:
     ("method=ADMM_EPC", f"Could not find 'method/ADMM_EPC': accepted method={OPTIONS['method']}"),
     ("policy=nosuch", f"Could not find 'policy/nosuch': accepted policy={OPTIONS['policy']}"),
     ("nosuch=1", "Could not override 'nosuch'. To append to your config use +nosuch=1 (Key 'nosuch' is not in struct)"),
-    ("bits=[", "no viable alternative at input '[' See https://hydra.cc/docs/1.2/advanced/override_grammar/basic "
-               "for details"),
+    ("bits=[", ("no viable alternative at input '[' See https://hydra.cc/docs/1.2/advanced/override_grammar/basic "
+                "for details")),
 ])
 def test_hydra_composition_errors_are_config_errors(override: str, message: str, tmp_path: Path, monkeypatch,
                                                     capsys) -> None:
@@ -105,7 +105,7 @@ def test_sweep_with_job_names_over_255_bytes_runs_every_job_and_resumes(tmp_path
     for job in jobs:  # the full overrides stay inside the folder
         assert f"model.checkpoint={checkpoint}" in (job / ".hydra" / "overrides.yaml").read_text()
     written = {j: (j / "metrics.json").stat().st_mtime_ns for j in jobs}
-    status, out, err = run_main(args, tmp_path, monkeypatch, capsys)
+    status, _, err = run_main(args, tmp_path, monkeypatch, capsys)
     assert status == 0, err[-3000:]
     assert {j: (j / "metrics.json").stat().st_mtime_ns for j in jobs} == written  # resumed: both skipped
     assert sorted(p.parent for p in sweep.glob("*/metrics.json")) == jobs

@@ -252,7 +252,7 @@ def _failed_after(failure: Any, metrics_file: Path) -> bool:
     """Whether ``failed.json`` records a later attempt than the folder's metrics (e.g. a launch of
     another config refused to overwrite them): the job's latest state is that failure."""
     failed = failure.get("time") if isinstance(failure, dict) else None
-    return isinstance(failed, (int, float)) and not isinstance(failed, bool) and failed > _mtime(metrics_file)
+    return isinstance(failed, (int, float)) and not isinstance(failed, bool) and failed > mtime(metrics_file)
 
 
 def _restarted_after(marker: Any, failure: Any) -> bool:
@@ -466,12 +466,13 @@ class Launch:
     def owns(self, job: Job) -> bool:
         """Whether ``job`` is one of this launch's jobs."""
         if self.expected is None:  # unpredictable sweep: the jobs set up since it started
-            return job.path is not None and _mtime(job.path / ".hydra" / "overrides.yaml") >= self.started
+            return job.path is not None and mtime(job.path / ".hydra" / "overrides.yaml") >= self.started
         wanted = {identity(o, self.exclude_keys) for o in self.expected}
         return identity(job.overrides, self.exclude_keys) in wanted
 
 
-def _mtime(path: Path) -> float:
+def mtime(path: Path) -> float:
+    """A file's modification time (seconds since the epoch); -inf when it cannot be read."""
     try:
         return path.stat().st_mtime
     except OSError:
@@ -573,10 +574,10 @@ def sweep_commands(sweep: Path) -> list[Command]:
     multirun = sweep / "multirun.yaml"
     if multirun.is_file():
         task = _as_list(_as_dict(_as_dict(_load_yaml(multirun).get("hydra")).get("overrides")).get("task"))
-        return [Command(command_line(["run.py", "-m", *map(str, task)]), _mtime(multirun))]
+        return [Command(command_line(["run.py", "-m", *map(str, task)]), mtime(multirun))]
     if (sweep / ".hydra" / "config.yaml").is_file():
         overrides = sweep / ".hydra" / "overrides.yaml"
-        return [Command(command_line(["run.py", *_load_list(overrides)]), _mtime(overrides))]
+        return [Command(command_line(["run.py", *_load_list(overrides)]), mtime(overrides))]
     return []
 
 

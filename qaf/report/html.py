@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import html
+import math
 import os
 import time
 import urllib.parse
@@ -25,7 +26,7 @@ from typing import Callable, Sequence
 
 from qaf import outputs
 from qaf.quant.policy import ROLE_NAMES, ROLES, LayerPolicy
-from qaf.report.collect import OK, Command, Job, sweep_commands
+from qaf.report.collect import OK, Command, Job, mtime, sweep_commands
 from qaf.report.pareto import AXES, count_methods, matched_cost, matched_table
 from qaf.report.tables import (BOPS_NOTES, Row, Table, code_labels, main_table, problem_jobs, problem_line,
                                protocol_of)
@@ -134,7 +135,7 @@ def _row_links(row: Row, out_dir: Path) -> str:
 
 
 def _when(seconds: float | None) -> str:
-    return "" if seconds is None else time.strftime(_TIME, time.localtime(seconds))
+    return time.strftime(_TIME, time.localtime(seconds)) if seconds is not None and math.isfinite(seconds) else ""
 
 
 def _distinct(values: Sequence[str]) -> str:
@@ -144,12 +145,12 @@ def _distinct(values: Sequence[str]) -> str:
 def what_ran(page: Page) -> list[str]:
     """The commands and their dates, code version, model, data, images and protocol of the results."""
     commands: list[Command] = [c for sweep in page.sweeps for c in sweep_commands(sweep)]
-    written = sorted(t for t in (_mtime(j.path / outputs.METRICS_FILE) for j, _ in page.finished if j.path)
-                     if t is not None)
+    written = sorted(t for t in (mtime(j.path / outputs.METRICS_FILE) for j, _ in page.finished if j.path)
+                     if math.isfinite(t))
     metrics = [m for _, m in page.finished]
     versions = sorted({str(m.code["qaf_version"]) for m in metrics if m.code.get("qaf_version")})
     protocols = [protocol_of(m)[1:] for m in metrics if not m.method_info.reference]
-    items = [("Command", f"<code>{esc(c.text)}</code>" + (f" ({_when(c.started)})" if c.started else ""))
+    items = [("Command", f"<code>{esc(c.text)}</code>" + (f" ({when})" if (when := _when(c.started)) else ""))
              for c in commands] or [("Command", "not recorded")]
     items += [
         ("Results written", f"{_when(written[0])} – {_when(written[-1])}" if written else "–"),
@@ -258,9 +259,3 @@ def render_html(page: Page) -> str:
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
-
-def _mtime(path: Path) -> float | None:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return None

@@ -86,7 +86,7 @@ def check_weights(model: nn.Module) -> None:
                               "accepted: a checkpoint with finite weights")
 
 
-def run_labels(cfg: DictConfig, method: str, policy: str) -> dict[str, str | None]:
+def run_labels(method: str, policy: str) -> dict[str, str | None]:
     """What a dashboard splits runs by: the method's and the policy's short names, and the
     experiment (``experiment=NAME``; None without one)."""
     from hydra.core.hydra_config import HydraConfig
@@ -265,7 +265,8 @@ def _run(cfg: DictConfig, output_dir: Path, chash: str, stages: Stages, writer: 
         job = setup(cfg)
     model, data, method, policy, finetune = job.model, job.data, job.method, job.policy, job.finetune
     # The job's W&B run starts now, so a job that fails later is a failed run on the dashboard too.
-    logger = build_logger(cfg, output_dir, output_dir.name, run_labels(cfg, method.name, policy.name)) if writer else False
+    labels = run_labels(method.name, policy.name)
+    logger = build_logger(cfg, output_dir, output_dir.name, labels) if writer else False
     if logger:
         loggers.append(logger)
     log.info("run %s: method=%s policy=%s bits=%s act_bits=%s rate=%s on %s (%d eval / %d calib images) -> %s",

@@ -34,4 +34,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    from qaf.cli import run_command
+
+    run_command(main, main.__wrapped__)

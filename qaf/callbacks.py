@@ -40,9 +40,11 @@ class SweepSummary(Callback):
             from qaf.report.collect import launch_from_hydra, record_launch
 
             self.sweep_dir = Path(str(config.hydra.sweep.dir))
-            self.launch = launch_from_hydra(_hydra_node(config))
+            self.launch = launch_from_hydra(_hydra_node(config), argv=sys.argv)
             record_launch(self.sweep_dir, self.launch)
         except Exception as err:  # noqa: BLE001 - never stop a sweep for its bookkeeping
+            if self.sweep_dir is not None and not self.sweep_dir.is_dir():
+                return  # no sweep folder: the sweeper stops on it next, with one line (qaf.cli)
             _say(f"cannot record the launch ({type(err).__name__}: {err})")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

@@ -30,15 +30,39 @@ class ConfigError(ValueError):
     """
 
 
-def _job_dirname(override_dirname: str) -> str:
-    # Hydra's override_dirname is empty for a job with no swept overrides.
-    return override_dirname.replace("/", "_") or "default"
+#: The longest file name (bytes) common file systems take (ext4, XFS, APFS, NTFS in UTF-16 units).
+NAME_MAX = 255
+
+
+def job_dirname(override_dirname: str) -> str:
+    """A job's folder name: its overrides (Hydra's ``override_dirname``, ``/`` made ``_``).
+
+    A name longer than :data:`NAME_MAX` bytes (a long ``model.checkpoint`` path, many method keys)
+    keeps its head and ends with ``~`` and a hash of the whole name: unique, the same on every
+    launch (a sweep resumes), and the full overrides stay in the folder's ``.hydra/overrides.yaml``.
+
+    Parameters
+    ----------
+    override_dirname : str
+        ``hydra.job.override_dirname`` (empty for a job with no swept overrides).
+
+    Returns
+    -------
+    str
+        At most :data:`NAME_MAX` bytes of UTF-8.
+    """
+    name = override_dirname.replace("/", "_") or "default"
+    raw = name.encode()
+    if len(raw) <= NAME_MAX:
+        return name
+    tail = "~" + hashlib.sha256(raw).hexdigest()[:16]
+    return raw[:NAME_MAX - len(tail)].decode("utf-8", "ignore") + tail
 
 
 # use_cache=True: one id per process, and Hydra copies the resolver cache into every job's config,
 # so all jobs of a sweep (local or launched) agree on the sweep directory.
 OmegaConf.register_new_resolver("qaf_uid", lambda: secrets.token_hex(3), use_cache=True, replace=True)
-OmegaConf.register_new_resolver("qaf_jobdir", _job_dirname, replace=True)
+OmegaConf.register_new_resolver("qaf_jobdir", job_dirname, replace=True)
 
 BITS_RANGE = (2, 16)
 SEED_MAX = 2**32 - 1  # numpy's (and Lightning's seed_everything's) limit
@@ -186,7 +210,8 @@ class RunKeys:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check the top-level keys of a composed run config (:class:`RunKeys`, ``device``, ``export``).
+    """Check the top-level keys of a composed run config (:class:`RunKeys`, ``export``,
+    ``trainer.devices``, ``device``).
 
     Each group checks its own keys where it is built (``Method`` and ``Distillation`` with
     :func:`check_options`, the data builders, ``LayerPolicy.from_config``).
@@ -208,6 +233,7 @@ def validate(cfg: DictConfig) -> None:
                           "or export.artifact / export.onnx set to true or false")
     for key in ("export.artifact", "export.onnx"):
         check_bool(key, OmegaConf.select(cfg, key, default=False))
+    check_devices(cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("devices", 1))
     device = cfg.get("device", "auto")
     if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
         raise ConfigError(f"device={device!r} is invalid: accepted auto, cpu, cuda or cuda:N")
@@ -215,6 +241,28 @@ def validate(cfg: DictConfig) -> None:
         node = cfg.get(group)
         if not isinstance(node, DictConfig) or "_target_" not in node:
             raise ConfigError(f"{group} has no _target_: choose an option of the '{group}' config group")
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def check_devices(accelerator: Any, devices: Any) -> None:
+    """Raise ``ConfigError`` when ``trainer.devices`` asks for more CPU processes than cores.
+
+    On the CPU (``trainer.accelerator=cpu``, or ``auto`` without a GPU) each device is one DDP
+    process: more of them than cores only slows every pass down. GPU counts are Lightning's to check.
+    """
+    import torch
+
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    cores = cpu_cores()
+    if on_cpu and _is_int(devices) and devices > cores:
+        raise ConfigError(f"trainer.devices={devices} is invalid: accepted an integer in 1..{cores} "
+                          f"on the CPU, one DDP process per core ({cores} cores here)")
 
 
 def result_config(cfg: DictConfig) -> dict:

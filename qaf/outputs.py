@@ -33,6 +33,8 @@ METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.npz"
 FAILED_FILE = "failed.json"
 RUNNING_FILE = "running.json"
+#: The job's log (Hydra's file handler, ``conf/hydra/default.yaml``).
+LOG_FILE = "run.log"
 RESULT_FILES = (METRICS_FILE, PREDICTIONS_FILE, FAILED_FILE)
 #: Experiment loggers' folders (``logger=wandb``, ``logger=csv``): one run per attempt of the job.
 LOGGER_DIRS = ("wandb", "csv")

@@ -39,7 +39,7 @@ from qaf.metrics import bops as cost
 from qaf.metrics.size import size_bytes
 from qaf.metrics.stats import paired_comparison, wilson_interval
 from qaf.quant.policy import LayerPolicy
-from qaf.results import Metrics
+from qaf.results import MethodInfo, Metrics
 
 log = logging.getLogger("qaf")
 
@@ -86,12 +86,24 @@ def check_weights(model: nn.Module) -> None:
                               "accepted: a checkpoint with finite weights")
 
 
-def build_logger(cfg: DictConfig, output_dir: Path, job_name: str, job_type: str) -> Any:
+def run_labels(method: str, policy: str) -> dict[str, str | None]:
+    """What a dashboard splits runs by: the method's and the policy's short names, and the
+    experiment (``experiment=NAME``; None without one)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    experiment = HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None
+    return {"method": method, "policy": policy, "experiment": experiment}
+
+
+def build_logger(cfg: DictConfig, output_dir: Path, job_name: str, labels: dict[str, str | None]) -> Any:
     """The experiment logger chosen by ``logger=``, or False for ``logger=none``.
 
-    W&B: a new run per job (``reinit="create_new"``), grouped by sweep id, ``job_type`` = method;
-    the pipeline finishes it when the job ends, so the jobs of a sweep run in one process never
-    share a run.
+    W&B: a new run per job (``reinit="create_new"``), grouped by sweep id, ``job_type`` = method.
+    Its config is :func:`qaf.config.result_config` with the ``labels`` (:func:`run_labels`) as
+    top-level strings (the method and policy nodes move to ``method_config`` and
+    ``policy_config``); its tags are ``logger.tags``, the method, ``policy:<name>`` and the
+    experiment. The pipeline finishes the run when the job ends, so the jobs of a sweep run in
+    one process never share a run.
     """
     node = cfg.get("logger")
     if not node or "_target_" not in node or not rank_zero_only.rank == 0:
@@ -99,20 +111,29 @@ def build_logger(cfg: DictConfig, output_dir: Path, job_name: str, job_type: str
     if str(node["_target_"]).endswith("WandbLogger"):
         import wandb
 
+        config = result_config(cfg)
+        config.update(method_config=config.pop("method", None), policy_config=config.pop("policy", None), **labels)
+        tags = [*(node.get("tags") or []), labels["method"], f"policy:{labels['policy']}"]
+        tags += [labels["experiment"]] if labels["experiment"] else []
         run = wandb.init(project=node.get("project"), entity=node.get("entity"), mode=node.get("mode", "offline"),
-                         tags=list(node.get("tags") or []), dir=str(output_dir), name=job_name,
-                         group=str(cfg.sweep_id), job_type=job_type, config=result_config(cfg),
+                         tags=list(dict.fromkeys(map(str, tags))), dir=str(output_dir), name=job_name,
+                         group=str(cfg.sweep_id), job_type=labels["method"], config=config,
                          reinit="create_new", settings=wandb.Settings(silent=True, show_info=False))
         return instantiate(node, experiment=run, save_dir=str(output_dir), _convert_="all",
                            **{k: None for k in ("project", "entity", "mode", "tags") if k in node})
     return instantiate(node, save_dir=str(output_dir))
 
 
-def log_results(logger: Any, metrics: dict) -> None:
-    """Send the config, the scalar metrics and the per-layer table to the experiment logger."""
+def log_results(logger: Any, metrics: dict, info: MethodInfo) -> None:
+    """Send the config, the scalar metrics and the per-layer table to the experiment logger.
+
+    The settings the method declares its result does not depend on (``info.unused_settings``:
+    ``rate`` for a method that keeps every weight) are left out of the scalars.
+    """
     if not logger:
         return
-    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    scalars = {k: v for k, v in metrics.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in info.unused_settings}
     if isinstance(logger, pl.loggers.WandbLogger):
         run = logger.experiment
         # Each run is one (bops_pct, top1) point; a scatter over the sweep group plots the Pareto front.
@@ -244,7 +265,8 @@ def _run(cfg: DictConfig, output_dir: Path, chash: str, stages: Stages, writer: 
         job = setup(cfg)
     model, data, method, policy, finetune = job.model, job.data, job.method, job.policy, job.finetune
     # The job's W&B run starts now, so a job that fails later is a failed run on the dashboard too.
-    logger = build_logger(cfg, output_dir, job_name=output_dir.name, job_type=method.name) if writer else False
+    labels = run_labels(method.name, policy.name)
+    logger = build_logger(cfg, output_dir, output_dir.name, labels) if writer else False
     if logger:
         loggers.append(logger)
     log.info("run %s: method=%s policy=%s bits=%s act_bits=%s rate=%s on %s (%d eval / %d calib images) -> %s",
@@ -296,7 +318,7 @@ def _run(cfg: DictConfig, output_dir: Path, chash: str, stages: Stages, writer: 
     if writer:
         np.savez_compressed(output_dir / outputs.PREDICTIONS_FILE, correct1=np.packbits(result.correct1),
                             correct5=np.packbits(result.correct5), n=n)
-        log_results(logger, payload)
+        log_results(logger, payload, method.info)
         outputs.write_json_atomic(output_dir / outputs.METRICS_FILE, payload)
         (output_dir / outputs.FAILED_FILE).unlink(missing_ok=True)
     lo, hi = metrics.top1_ci95

@@ -42,6 +42,12 @@ class MethodInfo:
     reference: bool = False
     order: int = 100
 
+    @property
+    def unused_settings(self) -> tuple[str, ...]:
+        """The run settings its result does not depend on: ``rate`` unless it uses it; ``bits``
+        and ``act_bits`` too for the reference (left out of experiment-logger summaries)."""
+        return (() if self.uses_rate else ("rate",)) + (("bits", "act_bits") if self.reference else ())
+
 
 def inferred_info(payload: dict[str, Any]) -> MethodInfo:
     """The :class:`MethodInfo` of a version-1 file, which does not record it.

@@ -110,10 +110,16 @@ def test_reporting_problems_never_crash_the_sweep(tmp_path: Path, monkeypatch: p
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot write the report" in err and "OSError: disk full" in err
     # A sweep directory that cannot hold the launch record: one line, no exception.
-    blocked = tmp_path / "file"
-    blocked.write_text("not a directory")
+    blocked = tmp_path / "blocked"
+    (blocked / ".qaf").parent.mkdir()
+    (blocked / ".qaf").write_text("not a directory")
     SweepSummary().on_multirun_start(hydra_config(blocked, ["method=ptq"]))
-    assert "cannot record the launch" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot record the launch" in err
+    # No sweep directory at all: silent here, the sweeper stops on it next with one line (qaf.cli).
+    (tmp_path / "file").write_text("not a directory")
+    SweepSummary().on_multirun_start(hydra_config(tmp_path / "file" / "sweep", ["method=ptq"]))
+    assert capsys.readouterr().err == ""
 
 
 def test_real_sweep_reports_and_exits_non_zero_on_a_bad_job(tmp_path: Path) -> None:

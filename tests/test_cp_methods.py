@@ -105,8 +105,16 @@ def test_the_four_names_are_one_base_config_and_two_options():
 
 def test_rate_too_large_names_layer_and_largest_rate():
     model = build(20)
-    with pytest.raises(ConfigError, match=r"layer1\.0\.conv1 .*largest valid rate for the selected layers is 56\.2"):
+    # layer1.0.conv1: a 16x16x9 tensor, 2304 / 41 = 56.2 parameters per rank
+    with pytest.raises(ConfigError, match=r"^rate=60.0 is invalid: layer layer1\.0\.conv1 \(16, 16, 3, 3\) would get "
+                                          r"rank 0, below method.min_rank=2; accepted a rate in \(1, 28\.1\] "
+                                          r"for the selected layers$"):
         method("admm_epc", rate=60.0).check(model, _ctx())
+    # Rank 1 everywhere is refused too, unless asked for.
+    with pytest.raises(ConfigError, match=r"would get rank 1, .*\(\+method.min_rank=1 allows rank 1\)$"):
+        method("admm_epc", rate=50.0).check(model, _ctx())
+    method("admm_epc", rate=50.0, min_rank=1).check(model, _ctx())
+    method("admm_epc", rate=28.0).check(model, _ctx())
 
 
 @pytest.mark.parametrize(

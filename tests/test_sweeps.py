@@ -68,7 +68,8 @@ def read_wandb_run(path: Path) -> dict:
         record = json.loads(line)
         if record.get("type") == "run":
             run.update(id=record["run"]["run_id"], group=record["run"].get("run_group"),
-                       job_type=record["run"].get("job_type"), config=record["run"]["config"]["update"])
+                       job_type=record["run"].get("job_type"), tags=record["run"].get("tags", []),
+                       config=record["run"]["config"]["update"])
         elif record.get("type") == "summary":
             run["summary"].update(record["summary"].get("update", {}))
     return run
@@ -79,7 +80,8 @@ def test_each_job_of_a_one_process_sweep_is_its_own_wandb_run(sweep: tuple[Path,
     # each job must get, and finish, its own run.
     sweep_dir, proc = sweep
     assert proc.stdout.rstrip().splitlines()[-1].startswith("wrote ")  # the sweep table, then its files
-    assert "| PTQ |" in proc.stdout and "[" in proc.stdout  # rows with intervals
+    # rows with intervals (bold on the Pareto frontier)
+    assert any(line.startswith(("| PTQ |", "| **PTQ** |")) and "[" in line for line in proc.stdout.splitlines())
     assert "anonymous" not in proc.stdout + proc.stderr and "wandb: " not in proc.stdout + proc.stderr
     runs = sorted(sweep_dir.glob("*/wandb/offline-run-*/run-*.wandb"))
     assert len(runs) == 4
@@ -89,6 +91,13 @@ def test_each_job_of_a_one_process_sweep_is_its_own_wandb_run(sweep: tuple[Path,
         metrics = json.loads((path.parents[2] / "metrics.json").read_text())
         assert run["config"]["bits"] == metrics["bits"] and run["summary"]["top1"] == metrics["top1"]
         assert run["group"] == "wb" and run["job_type"] == metrics["method"]
+        # A dashboard splits runs by the short names, in the config and in the tags.
+        assert (run["config"]["method"], run["config"]["policy"]) == (metrics["method"], metrics["policy"])
+        assert run["config"]["method_config"]["_target_"] == metrics["config"]["method"]["_target_"]
+        assert set(run["tags"]) == {metrics["method"], f"policy:{metrics['policy']}"}
+        # Neither method depends on the rate: its summary does not carry it; the float run's no bits.
+        assert "rate" not in run["summary"] and "rate" in metrics
+        assert ("bits" in run["summary"]) == (metrics["method"] != "fp32")
 
 
 def test_report_of_real_sweep(sweep: tuple[Path, subprocess.CompletedProcess], tmp_path: Path) -> None:

@@ -66,6 +66,9 @@ class CPOptions(DecompositionOptions):
     admm_tol_inner: float = option(1e-4, low=0)
     admm_tol_outer: float = option(1e-4, low=0)
     admm_patience: int = option(5, low=1, high=10**7)
+    # Not in conf/cp_solver/default.yaml, so the config hashes of existing runs stay: a check, not
+    # a setting of the computation (``+method.min_rank=1`` allows rank-1 layers).
+    min_rank: int = option(2, low=1, high=10**7)
 
 
 class CP(DecompositionMethod):
@@ -99,6 +102,9 @@ class CP(DecompositionMethod):
         change of ``||lambda||`` below ``epc_tol``.
     admm_outer, admm_inner, admm_tol_inner, admm_tol_outer, admm_patience
         AO-ADMM budgets (see :func:`qaf.decomp.admm.cp_admm`).
+    min_rank : int
+        The smallest rank ``rate`` may give a selected conv (2: a rank-1 layer, a rate too large
+        by mistake, is refused; ``+method.min_rank=1`` allows it).
 
     Attributes
     ----------
@@ -134,14 +140,18 @@ class CP(DecompositionMethod):
         return MethodInfo(display=display, uses_rate=True, order=40 + 20 * admm + 10 * epc)
 
     def check_layers(self, layers: list[tuple[str, nn.Conv2d]]) -> None:
-        """Every selected conv gets a rank >= 1 at ``rate``; raise one ``ConfigError`` naming the layer."""
-        limit = min(max_rate(weight_to_tensor(conv.weight).shape) for _, conv in layers)
+        """Every selected conv gets a rank >= ``min_rank`` at ``rate``; raise one ``ConfigError``
+        naming the first layer that would not, and the rates accepted."""
+        # cp_rank = floor(max_rate / rate) >= min_rank  <=>  rate <= max_rate / min_rank
+        limit = min(max_rate(weight_to_tensor(conv.weight).shape) for _, conv in layers) / self.min_rank
         for name, conv in layers:
-            if cp_rank(weight_to_tensor(conv.weight).shape, self.rate) < 1:
+            rank = cp_rank(weight_to_tensor(conv.weight).shape, self.rate)
+            if rank < self.min_rank:
+                allow = " (+method.min_rank=1 allows rank 1)" if rank == 1 else ""
                 raise ConfigError(
-                    f"rate={self.rate} is invalid: layer {name} {tuple(conv.weight.shape)} would get "
-                    f"rank < 1; the largest valid rate for the selected layers is {limit:.4g}"
-                )
+                    f"rate={self.rate} is invalid: layer {name} {tuple(conv.weight.shape)} would get rank {rank}, "
+                    f"below method.min_rank={self.min_rank}; accepted a rate in (1, {limit:.4g}] for the "
+                    f"selected layers{allow}")
 
     def schemes(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """Per-tensor symmetric weights and affine activations with the method's clip rules and ``p``."""

@@ -25,6 +25,9 @@ from torch import nn
 from qaf.config import ConfigError, check_choice, check_int
 
 ROLES = ("stem", "body", "last_conv", "shortcut", "classifier")
+#: Each role in words (the report's legend of policies).
+ROLE_NAMES = {"stem": "first conv", "body": "other convs", "last_conv": "last conv",
+              "shortcut": "1x1 shortcut convs", "classifier": "classifier"}
 TREATMENTS = ("bits", "keep", "float")
 _SHORTCUT_NAMES = ("downsample", "shortcut")
 
@@ -69,6 +72,12 @@ class LayerPolicy:
     def treatment(self, role: str) -> str:
         """``bits``, ``keep`` or ``float`` for a role."""
         return "bits" if role == "body" else getattr(self, role)
+
+    def treatment_text(self, role: str) -> str:
+        """A role's treatment in words: ``w/a bits`` (the run's), ``8/8 bits`` (``keep``) or ``float``."""
+        treatment = self.treatment(role)
+        return "w/a bits" if treatment == "bits" else "float" if treatment == "float" else \
+            f"{self.keep_bits}/{self.keep_bits} bits"
 
     def layer_bits(self, role: str, bits: int, act_bits: int) -> tuple[int, int] | None:
         """(weight bits, input bits) of a layer with this role; None leaves it in float."""

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Sequence
 
 from qaf.report.collect import OK, Job, collect
-from qaf.report.html import render_html
-from qaf.report.pareto import count_methods, render_frontier_markdown
+from qaf.report.html import Page, render_html
+from qaf.report.pareto import count_methods, mark_rows, render_frontier_markdown
 from qaf.report.plot import plot_pareto
 from qaf.report.tables import (BOPS_FIELDS, Row, aggregate, bops_note, job_key, read_paper_csv, render_latex,
                                render_markdown, render_results_csv)
@@ -160,6 +160,7 @@ def build_report(sweeps: Sequence[Path], out_dir: Path, paper_csv: Path | None =
     paper_csv = csvs[0] if csvs else None
     convention, reason = choose_bops(bops, paper_csv)
     rows = aggregate(jobs, paper, paper_for, bops=convention)
+    mark_rows(rows)
     note = bops_note(convention, reason)
     title = title or "Sweep " + ", ".join(Path(s).resolve().name for s in sweeps)
     out_dir = Path(out_dir)
@@ -172,5 +173,5 @@ def build_report(sweeps: Sequence[Path], out_dir: Path, paper_csv: Path | None =
     _atomic_write(files["table.tex"], render_latex(rows, title, note))
     _atomic_write(files["frontier.md"], frontier)
     plot_pareto(rows, files["pareto.png"], title)
-    _atomic_write(files["index.html"], render_html(rows, jobs, title, files["pareto.png"], note))
+    _atomic_write(files["index.html"], render_html(Page(rows, jobs, title, out_dir, sweeps, files["pareto.png"], note)))
     return Report(out_dir, jobs, rows, paper_csv, convention, files, markdown, frontier)

@@ -102,6 +102,38 @@ def render_dom(html_path: str | os.PathLike, timeout: float = 60.0) -> str:
     return _on_page(html_path, 1280, 720, timeout, lambda page: page.content())
 
 
+def follow_links(html_path: str | os.PathLike, timeout: float = 60.0) -> dict[str, str | None]:
+    """Open the page in Chromium, then every link on it in turn.
+
+    Returns
+    -------
+    dict[str, str | None]
+        Each link's URL as Chromium resolves it -> the text Chromium shows there (a folder's
+        listing, a file's content), or None when it cannot open it.
+
+    Raises
+    ------
+    BrowserNotFound, BrowserError
+        No browser; the browser failed or timed out on the page itself.
+    FileNotFoundError
+        No such page.
+    """
+    from playwright.sync_api import Error
+
+    def visit(page: Any) -> dict[str, str | None]:
+        urls = page.eval_on_selector_all("a[href]", "links => links.map(a => a.href)")
+        shown: dict[str, str | None] = {}
+        for url in dict.fromkeys(urls):
+            try:
+                page.goto(url, wait_until="load", timeout=timeout * 1000)
+                shown[url] = page.inner_text("body")
+            except Error:
+                shown[url] = None
+        return shown
+
+    return _on_page(html_path, 1280, 720, timeout, visit)
+
+
 def screenshot(html_path: str | os.PathLike, png_path: str | os.PathLike, width: int = 1280,
                height: int | None = None, timeout: float = 60.0) -> Path:
     """Save a PNG of the page as Chromium renders it.

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shlex
 import socket
 import time
 from dataclasses import dataclass, field
@@ -251,7 +252,7 @@ def _failed_after(failure: Any, metrics_file: Path) -> bool:
     """Whether ``failed.json`` records a later attempt than the folder's metrics (e.g. a launch of
     another config refused to overwrite them): the job's latest state is that failure."""
     failed = failure.get("time") if isinstance(failure, dict) else None
-    return isinstance(failed, (int, float)) and not isinstance(failed, bool) and failed > _mtime(metrics_file)
+    return isinstance(failed, (int, float)) and not isinstance(failed, bool) and failed > mtime(metrics_file)
 
 
 def _restarted_after(marker: Any, failure: Any) -> bool:
@@ -446,6 +447,8 @@ class Launch:
         Keys left out of job folder names (see :func:`identity`).
     task : list[str]
         Its command-line task overrides.
+    argv : list[str] | None
+        The launching process's ``sys.argv`` (None in records written before it was kept).
     """
 
     path: Path | None
@@ -453,27 +456,35 @@ class Launch:
     expected: list[list[str]] | None
     exclude_keys: list[str]
     task: list[str]
+    argv: list[str] | None = None
+
+    @property
+    def command(self) -> str:
+        """The command line as typed, or rebuilt from its task overrides when ``argv`` was not kept."""
+        return command_line(self.argv) if self.argv else command_line(["run.py", "-m", *self.task])
 
     def owns(self, job: Job) -> bool:
         """Whether ``job`` is one of this launch's jobs."""
         if self.expected is None:  # unpredictable sweep: the jobs set up since it started
-            return job.path is not None and _mtime(job.path / ".hydra" / "overrides.yaml") >= self.started
+            return job.path is not None and mtime(job.path / ".hydra" / "overrides.yaml") >= self.started
         wanted = {identity(o, self.exclude_keys) for o in self.expected}
         return identity(job.overrides, self.exclude_keys) in wanted
 
 
-def _mtime(path: Path) -> float:
+def mtime(path: Path) -> float:
+    """A file's modification time (seconds since the epoch); -inf when it cannot be read."""
     try:
         return path.stat().st_mtime
     except OSError:
         return float("-inf")
 
 
-def launch_from_hydra(hydra_cfg: Mapping[str, Any], started: float | None = None) -> Launch:
-    """The :class:`Launch` a ``hydra`` node (plain data, unresolved) describes."""
+def launch_from_hydra(hydra_cfg: Mapping[str, Any], started: float | None = None,
+                      argv: Sequence[str] | None = None) -> Launch:
+    """The :class:`Launch` a ``hydra`` node (plain data, unresolved) describes, started by ``argv``."""
     task = [str(t) for t in _as_list(_as_dict(hydra_cfg.get("overrides")).get("task"))]
     return Launch(None, time.time() if started is None else started, expected_from_hydra(hydra_cfg),
-                  dirname_excludes(hydra_cfg), task)
+                  dirname_excludes(hydra_cfg), task, None if argv is None else [str(a) for a in argv])
 
 
 def record_launch(sweep: Path, launch: Launch) -> Path:
@@ -488,7 +499,8 @@ def record_launch(sweep: Path, launch: Launch) -> Path:
         path = path.with_name(f"{stamp}-{os.getpid()}-{i}.json")
     outputs.write_json_atomic(path, {
         "started": launch.started, "pid": os.getpid(), "host": socket.gethostname(),
-        "expected": launch.expected, "exclude_keys": launch.exclude_keys, "task": launch.task})
+        "expected": launch.expected, "exclude_keys": launch.exclude_keys, "task": launch.task,
+        "argv": launch.argv})
     return path
 
 
@@ -513,7 +525,60 @@ def _launch_of(path: Path) -> Launch | None:
             isinstance(job, list) and all(isinstance(o, str) for o in job) for job in expected)):
         return None
     excludes = [str(k) for k in _as_list(payload.get("exclude_keys"))]
-    return Launch(path, float(started), expected, excludes, [str(t) for t in _as_list(payload.get("task"))])
+    argv = [str(a) for a in _as_list(payload.get("argv"))] or None
+    return Launch(path, float(started), expected, excludes, [str(t) for t in _as_list(payload.get("task"))], argv)
+
+
+def command_line(argv: Sequence[str]) -> str:
+    """``python`` and ``argv`` as a shell would take them back (quoted where needed)."""
+    return "python " + shlex.join(argv)
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command that wrote jobs into a sweep folder.
+
+    Attributes
+    ----------
+    text : str
+        The command line.
+    started : float | None
+        When it started (seconds since the epoch), if known.
+    """
+
+    text: str
+    started: float | None
+
+
+def sweep_commands(sweep: Path) -> list[Command]:
+    """The commands that wrote a sweep's jobs, oldest first.
+
+    Every recorded launch (``.qaf/launches/``: its ``sys.argv``, or its task overrides); without
+    any, the multirun of ``multirun.yaml`` (``python run.py -m`` and its task overrides); for a
+    single run (the sweep folder is the job), ``python run.py`` and its overrides.
+
+    Parameters
+    ----------
+    sweep : Path
+        A sweep directory or a single run's directory.
+
+    Returns
+    -------
+    list[Command]
+        Empty when nothing records how the jobs were started.
+    """
+    sweep = Path(sweep)
+    launches = read_launches(sweep)
+    if launches:
+        return [Command(launch.command, launch.started) for launch in launches]
+    multirun = sweep / "multirun.yaml"
+    if multirun.is_file():
+        task = _as_list(_as_dict(_as_dict(_load_yaml(multirun).get("hydra")).get("overrides")).get("task"))
+        return [Command(command_line(["run.py", "-m", *map(str, task)]), mtime(multirun))]
+    if (sweep / ".hydra" / "config.yaml").is_file():
+        overrides = sweep / ".hydra" / "overrides.yaml"
+        return [Command(command_line(["run.py", *_load_list(overrides)]), mtime(overrides))]
+    return []
 
 
 def _expected_jobs(sweep: Path) -> tuple[list[list[str]], list[str]]:

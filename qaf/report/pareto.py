@@ -2,9 +2,11 @@
 
 For each (model, data), the overall Pareto frontier of our compressed rows (nothing cheaper is as
 accurate) gives the budgets; at each budget every method shows its best top-1 at or below it, the
-leader is named and compared with the runner-up by the exact McNemar test on the same images
-(``predictions.npz``). ``frontier.md`` holds the tables, by %BOPs and by size; the page and the
-printed output show them when at least two methods are in the report.
+leader is compared with the runner-up by the exact McNemar test on the same images
+(``predictions.npz``) and named, or the budget is a tie when the test cannot tell them apart.
+``frontier.md`` holds the tables, by %BOPs and by size; the page and the printed output show them
+when at least two methods are in the report. The main table's marks (:func:`mark_rows`) judge each
+row the same way: against the best row of any method at equal or lower %BOPs.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from qaf.metrics.stats import PairedComparison
 from qaf.report.compare import compare_job_sets, fmt_p
-from qaf.report.tables import Row, Table, markdown_table
+from qaf.report.tables import LEVEL_TEXT, Row, Table, markdown_table
 
 #: The two cost axes: header text, unit divisor, value of a row.
 AXES: dict[str, tuple[str, float, Callable[[Row], float | None]]] = {
@@ -89,15 +92,15 @@ class MatchedCost:
     budgets: list[float]
     best: list[dict[str, Row]]
 
-    def leader(self, i: int) -> tuple[Row | None, Row | None, float | None]:
-        """Leader and runner-up (other methods) at budget ``i``, and the McNemar p between them."""
+    def leader(self, i: int) -> tuple[Row | None, Row | None, PairedComparison | None]:
+        """Leader and runner-up (other methods) at budget ``i``, and their paired comparison (None
+        without a runner-up or shared predictions)."""
         ranked = sorted(self.best[i].values(), key=lambda r: -(r.top1 or 0.0))
         if not ranked:
             return None, None, None
         if len(ranked) == 1:
             return ranked[0], None, None
-        result = compare_job_sets(ranked[0].jobs, ranked[1].jobs)
-        return ranked[0], ranked[1], None if result is None else result.p_value
+        return ranked[0], ranked[1], compare_job_sets(ranked[0].jobs, ranked[1].jobs)
 
 
 def matched_cost(rows: Sequence[Row], axis: str) -> list[MatchedCost]:
@@ -142,6 +145,36 @@ def _best_within(points: Sequence[tuple[float, float, Row, str]], budget: float)
     return best
 
 
+def mark_rows(rows: Sequence[Row]) -> None:
+    """Set each row's :attr:`~qaf.report.tables.Row.mark` by matched cost, across methods.
+
+    Among our compressed rows of one model, data and evaluation set (two or more), a row is
+    ``best`` (bold) when no row at equal or lower %BOPs has a higher top-1 (it is on the Pareto
+    frontier), and ``tie`` (≈) when the exact McNemar test cannot tell it from the most accurate
+    row at equal or lower %BOPs; other rows, the float model and paper-only rows are unmarked.
+
+    Parameters
+    ----------
+    rows : Sequence[Row]
+        From :func:`qaf.report.tables.aggregate` (``bops_pct`` in the report's convention).
+    """
+    groups: dict[tuple, list[tuple[float, float, Row, str]]] = defaultdict(list)
+    for row in rows:
+        row.mark = ""
+        if row.ours and row.jobs and not row.is_float and row.bops_pct is not None:
+            groups[(row.model, row.data, row.eval_samples)].append(
+                (float(row.bops_pct), float(row.top1), row, ""))  # type: ignore[arg-type]
+    for points in groups.values():
+        if len(points) < 2:
+            continue
+        for cost, top1, row, _ in points:
+            best = _best_within(points, cost)[""]
+            if top1 >= (best.top1 or 0.0):
+                row.mark = "best"
+            elif (result := compare_job_sets(best.jobs, row.jobs)) is not None and not result.significant:
+                row.mark = "tie"
+
+
 def count_methods(rows: Sequence[Row]) -> int:
     """How many series of our compressed rows the report holds (the view needs two)."""
     return len({name for row, name in zip(rows, series_names(rows)) if row.ours and not row.is_float})
@@ -153,22 +186,27 @@ def _point_text(row: Row) -> str:
 
 
 def matched_table(mc: MatchedCost) -> Table:
-    """A :class:`MatchedCost` as a :class:`qaf.report.tables.Table` (the Leader column names the winner)."""
+    """A :class:`MatchedCost` as a :class:`qaf.report.tables.Table`: the Leader column names the winner,
+    or says ``tie`` when the test cannot tell it from the runner-up."""
     header_text, unit, _ = AXES[mc.axis]
     header = [header_text, *mc.methods, "Leader", "p vs runner-up"]
     body, bold = [], []
     for i, budget in enumerate(mc.budgets):
-        leader, runner, p = mc.leader(i)
+        leader, runner, result = mc.leader(i)
         cells = [f"{budget / unit:.2f}" if mc.axis == "bops" else f"{budget / unit:.1f}"]
         cells += [_point_text(mc.best[i][m]) if m in mc.best[i] else "–" for m in mc.methods]
         names = {id(row): name for name, row in mc.best[i].items()}
-        cells += [names[id(leader)] if leader is not None else "–",
-                  "–" if runner is None else (f"{fmt_p(p)} ({names[id(runner)]})" if p is not None else "n/a")]
+        tie = result is not None and not result.significant
+        cells += [f"tie ({names[id(leader)]}, {names[id(runner)]})" if tie  # type: ignore[arg-type]
+                  else names[id(leader)] if leader is not None else "–",
+                  "–" if runner is None else (f"{fmt_p(result.p_value)} ({names[id(runner)]})"
+                                              if result is not None else "n/a")]
         body.append(cells)
         bold.append(False)
     notes = [f"Best top-1 (%) of each method at or below each budget (w/a bits and rate in brackets); the "
              f"budgets are the costs of the points on the overall Pareto frontier. p: exact McNemar test of the "
-             f"leader against the best other method on the same images (n/a: no shared predictions)."]
+             f"leader against the best other method on the same images (n/a: no shared predictions); tie: "
+             f"the two are not significantly different ({LEVEL_TEXT})."]
     return Table(header, body, bold, [False] * len(body), 1, notes)
 
 

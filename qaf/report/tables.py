@@ -3,9 +3,10 @@
 One row per setting: model, data, method (with swept ``method.*`` options), weight and activation
 bits, rate, evaluation images and calibration protocol (policy, BN re-estimation, calibration
 transforms, fine-tuning). Several seeds of a setting are shown as ``mean ± std (k seeds)``, one
-seed as top-1 with its 95 % Wilson interval. The float model is the top row. Within a setting group
-(model, data, w/a bits, rate) the best row is bold and a row that an exact McNemar test on the same
-images cannot tell from it (p ≥ 0.05) is marked ``≈``. Protocol columns that are the same for every
+seed as top-1 with its 95 % Wilson interval. The float model is the top row. A row's mark
+(:attr:`Row.mark`, set by :func:`qaf.report.pareto.mark_rows`) judges it at matched cost: bold
+when nothing at equal or lower %BOPs is more accurate, ``≈`` when an exact McNemar test on the same
+images cannot tell it from the best row at equal or lower %BOPs (p ≥ 0.05). Protocol columns that are the same for every
 compressed row are stated once under the table instead. Paper numbers, when known, sit beside ours.
 How a method's rows are labelled, ordered, given a rate or made the float row is what the method
 declares (``metrics.json["method_info"]``, :class:`qaf.results.MethodInfo`), never its name.
@@ -25,7 +26,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 from qaf.metrics.stats import wilson_interval
 from qaf.provenance import code_label
 from qaf.report.collect import OK, Job
-from qaf.report.compare import compare_job_sets, p_text
+from qaf.report.compare import p_text
 from qaf.results import Metrics, MethodInfo
 
 #: The float model's row when no job of a reference method gives it (every job measures the float
@@ -90,7 +91,9 @@ class Row:
     paper_source : str | None
         Where they come from (the paper CSV's ``source`` column).
     mark : str
-        ``best`` (bold), ``tie`` (≈: not significantly worse than the best) or "".
+        ``best`` (bold: nothing at equal or lower cost is more accurate), ``tie`` (≈: not
+        significantly worse than the best row at equal or lower cost) or "" (set by
+        :func:`qaf.report.pareto.mark_rows`).
     jobs : list[Job]
         The finished jobs behind the row.
     info : MethodInfo | None
@@ -127,11 +130,6 @@ class Row:
         """The row's identity."""
         return Key(self.model, self.data, self.method, self.w_bits, self.a_bits, self.rate,
                    self.eval_samples, self.protocol)
-
-    @property
-    def setting(self) -> tuple[Any, ...]:
-        """The group within which rows are compared: model, data, w/a bits, rate, images."""
-        return (self.model, self.data, self.w_bits, self.a_bits, self.rate, self.eval_samples)
 
     @property
     def base_method(self) -> str:
@@ -212,7 +210,8 @@ def job_key(job: Job) -> Key:
 
 def aggregate(jobs: Iterable[Job], paper: dict[tuple, dict] | None = None,
               paper_for: set[tuple[str, str]] | None = None, bops: str = "qaf") -> list[Row]:
-    """Group finished jobs into table rows, float row first, with the best-row marks.
+    """Group finished jobs into table rows, float row first (unmarked: see
+    :func:`qaf.report.pareto.mark_rows`).
 
     Parameters
     ----------
@@ -239,9 +238,7 @@ def aggregate(jobs: Iterable[Job], paper: dict[tuple, dict] | None = None,
     _add_float_rows(rows, [j for members in groups.values() for j in members])
     if paper:
         _attach_paper(rows, paper, paper_for, {r.base_method: r.info for r in rows.values() if r.info})
-    ordered = sorted(rows.values(), key=_sort_key)
-    mark_best(ordered)
-    return ordered
+    return sorted(rows.values(), key=_sort_key)
 
 
 def _row(key: Key, jobs: list[Job], bops_field: str) -> Row:
@@ -298,24 +295,6 @@ def interval_of(value: Any) -> tuple[float, float] | None:
     if isinstance(value, list) and len(value) == 2 and all(_is_number(v) for v in value):
         return (float(value[0]), float(value[1]))
     return None
-
-
-def mark_best(rows: Sequence[Row]) -> None:
-    """Mark the best row of each setting group with two or more of our rows (``best``), and each
-    other row an exact McNemar test on the same images cannot tell from it (``tie``)."""
-    groups: dict[tuple, list[Row]] = defaultdict(list)
-    for row in rows:
-        row.mark = ""
-        if row.ours and row.jobs:
-            groups[row.setting].append(row)
-    for members in groups.values():
-        if len(members) < 2:
-            continue
-        best = max(members, key=lambda r: r.top1)  # type: ignore[arg-type, return-value]
-        best.mark = "best"
-        for row in members:
-            if row is not best and (result := compare_job_sets(best.jobs, row.jobs)) is not None:
-                row.mark = "" if result.significant else "tie"
 
 
 def _attach_paper(rows: dict[Key, Row], paper: dict[tuple, dict], paper_for: set[tuple[str, str]] | None,
@@ -518,8 +497,9 @@ def _notes(rows: Sequence[Row], images: list[int], varying: list[int], sources: 
     on = f"on the same {images[0]} evaluation images" if len(images) == 1 else "on the images of its row"
     notes = [f"Top-1 (%) {on}: [95 % Wilson interval] for one seed, mean ± std over seeds otherwise."]
     if any(r.mark for r in rows):
-        notes.append("Bold: the best top-1 among the rows of one model, data, w/a bits and rate; ≈: not "
-                     f"significantly different from it (exact McNemar test on the same images, {LEVEL_TEXT}).")
+        notes.append("Bold: no row of any method at equal or lower %BOPs has a higher top-1 (the Pareto "
+                     "frontier); ≈: not significantly less accurate than the best row at equal or lower %BOPs "
+                     f"(exact McNemar test on the same images, {LEVEL_TEXT}).")
     if any(r.vs_fp32_diff is not None for r in rows):
         notes.append("Δ float: paired difference to the float model in points on the same images, with the "
                      "exact McNemar p-value.")
@@ -537,6 +517,11 @@ def _notes(rows: Sequence[Row], images: list[int], varying: list[int], sources: 
 def bops_note(convention: str, reason: str | None = None) -> str:
     """The %BOPs sentence of a report, with why the convention was chosen when it was automatic."""
     return BOPS_NOTES[convention] + (f" ({reason})" if reason else "")
+
+
+def code_labels(jobs: Iterable[Job]) -> list[str]:
+    """The code versions (:func:`qaf.provenance.code_label`) the finished jobs' results come from."""
+    return sorted({code_label(j.metrics.code) for j in jobs if j.status == OK and j.metrics})
 
 
 def problem_jobs(jobs: Iterable[Job]) -> list[Job]:
@@ -588,7 +573,7 @@ def render_markdown(rows: Sequence[Row], jobs: Sequence[Job], title: str,
     lines = [f"# {title}", "", *markdown_table(main_table(rows, bops_text))]
     ok = sum(j.status == OK for j in jobs)
     lines += ["", f"{ok} of {len(jobs)} jobs finished."]
-    codes = sorted({code_label(j.metrics.code) for j in jobs if j.status == OK and j.metrics})
+    codes = code_labels(jobs)
     if codes:
         lines += [f"Code: {', '.join(codes)} (git commit of the jobs' results)."]
     problems = problem_jobs(jobs)

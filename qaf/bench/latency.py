@@ -81,6 +81,39 @@ def interleaved_images_per_second(runs: dict[str, Any], batch: int, min_time: fl
     return {key: batch / float(np.median(t)) for key, t in times.items()}
 
 
+def profile_shares(path: str | Path, shape: tuple[int, ...], batch: int, threads: int, runs: int = 10) -> dict:
+    """Where onnxruntime spends a graph's time: its profiler over ``runs`` runs (after warm-up),
+    the share of node time per op type, and that of the integer convs per layer kind (the last part
+    of the module path a node is named after: ``depthwise``, ``pointwise_in``, ``conv1``, ...)."""
+    import json
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.enable_profiling, options.log_severity_level = True, 3
+    options.profile_file_prefix = str(Path(path).with_suffix(""))
+    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((batch, *shape), dtype=np.float32)
+    for _ in range(3 + runs):  # the first runs' events are in the profile too: few against ``runs``
+        sess.run(None, {"input": x})
+    events = [e for e in json.loads(Path(sess.end_profiling()).read_text())
+              if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
+    by_op: dict[str, float] = {}
+    by_kind: dict[str, float] = {}
+    for event in events:
+        op = event["args"]["op_name"]
+        by_op[op] = by_op.get(op, 0.0) + event["dur"]
+        if op == "QLinearConv":
+            path = event["name"].split("/")[0].removesuffix(".module")  # a QuantLayer behind its input quantizer
+            kind = path.rsplit(".", 1)[-1]
+            by_kind[kind] = by_kind.get(kind, 0.0) + event["dur"]
+    total = sum(by_op.values())
+    return {"batch": batch, "runs": runs,
+            "op_share": {k: round(v / total, 4) for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])},
+            "qlinearconv_share": {k: round(v / total, 4) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])}}
+
+
 def pytorch_ratio(float_model: torch.nn.Module, model: torch.nn.Module, repeats: int) -> dict:
     """PyTorch evaluation throughput (images/s, batches of 256 test images) of both, and the ratio."""
     from qaf.data.cifar10 import embedded
@@ -168,6 +201,13 @@ def latency_table(args: argparse.Namespace) -> dict:
                         variant, prefix = key if isinstance(key, tuple) else (key, "ort")
                         arch_rows[variant][f"{prefix}_{level}_b{batch}"] = ips
                 del sessions
+            if arch == "ResNet-20" and levels[0] == "all":  # the slowest deployable form: where its time goes
+                key = ("CP rate 2 W4A8", DEPLOY)
+                profile = profile_shares(paths[key], shape, 64, threads)
+                arch_rows[key[0]]["deploy_all_b64_profile"] = profile
+                print("  profile, CP rate 2 W4A8 deployable form, batch 64: " + ", ".join(
+                    f"{op} {100 * v:.1f} %" for op, v in list(profile["op_share"].items())[:4]) + "; QLinearConv: "
+                    + ", ".join(f"{k} {100 * v:.1f} %" for k, v in profile["qlinearconv_share"].items()), flush=True)
             for row in arch_rows.values():
                 rows.append(row)
                 print(f"  {arch:9s} {row['variant']:15s} %BOPs {row['bops_pct']:7.3f}  " + "  ".join(

@@ -3,7 +3,8 @@
     validate -> output folder (resume / refuse to overwrite) -> build model, data, method
       -> method.check -> float baseline (cached) -> method.compress
       -> protocol: BN re-estimation -> activation observation -> [fine-tuning -> BN re-estimation]
-      -> evaluate (per image) -> deployable form (deploy_top1) -> BOPs, size -> metrics.json (last, atomically) + predictions, W&B
+      -> evaluate (per image) -> deployable form (deploy_top1)
+      -> BOPs, size -> metrics.json (last, atomically) + predictions, W&B
 
 Nothing here depends on which method runs: a method only changes the model, the protocol does the
 rest. Only rank 0 writes files when several processes run the passes (DDP).

@@ -119,6 +119,35 @@ class LayerType(nn.Module):
         sub-modules (each lowered in turn): enough for a layer whose forward only calls them."""
         return self
 
+    def deploy_module(self) -> nn.Module:
+        """The layer as the deployable form (:mod:`qaf.export.deploy`) takes it: activation
+        quantizers, quantized convs / linears (``QuantLayer``) and torch modules, in a forward that
+        ``torch.fx`` traces, computing what the layer computes. Default: the layer itself, through
+        its sub-modules (each converted in turn)."""
+        return self
+
+
+def converted(model: nn.Module, method: str) -> nn.Module:
+    """``model`` with every layer type replaced by what its ``method`` (``"onnx_module"``,
+    ``"deploy_module"``) returns, recursively; a shared module stays shared. The containers of
+    ``model`` are modified in place.
+
+    A layer type may return a module that holds the layer itself (a wrapper): the layer is then
+    not converted again.
+    """
+    done: dict[int, tuple[nn.Module, nn.Module]] = {}  # id -> (module, converted): keeps the ids alive
+
+    def convert(module: nn.Module) -> nn.Module:
+        if id(module) not in done:
+            new = getattr(module, method)() if isinstance(module, LayerType) else module
+            done[id(module)] = (module, new)
+            for name, child in list(new.named_children()):
+                if child is not module:
+                    setattr(new, name, convert(child))
+        return done[id(module)][1]
+
+    return convert(model)
+
 
 def exportable(cls: type) -> bool:
     """Whether the artifact can store and rebuild modules of ``cls``."""

@@ -3,7 +3,8 @@
     validate -> output folder (resume / refuse to overwrite) -> build model, data, method
       -> method.check -> float baseline (cached) -> method.compress
       -> protocol: BN re-estimation -> activation observation -> [fine-tuning -> BN re-estimation]
-      -> evaluate (per image) -> BOPs, size -> metrics.json (last, atomically) + predictions, W&B
+      -> evaluate (per image) -> deployable form (deploy_top1)
+      -> BOPs, size -> metrics.json (last, atomically) + predictions, W&B
 
 Nothing here depends on which method runs: a method only changes the model, the protocol does the
 rest. Only rank 0 writes files when several processes run the passes (DDP).
@@ -34,6 +35,7 @@ from qaf.calib import observing_activations, recalibrating_bn
 from qaf.config import ConfigError, config_hash, result_config, validate
 from qaf.data import DataBundle
 from qaf.export import export_options, export_run
+from qaf.export.deploy import deployable
 from qaf.methods.base import CompressContext, Method
 from qaf.metrics import bops as cost
 from qaf.metrics.size import size_bytes
@@ -288,6 +290,7 @@ def _run(cfg: DictConfig, output_dir: Path, chash: str, stages: Stages, writer: 
         loader = data.eval_loader()
         result = lit.evaluate(trainer_for(loader, logger), model, loader)
     log.info("eval: top-1 %.2f%% on %d images (%.1f s)", result.top1, result.correct1.size, stages["eval"])
+    deploy = evaluate_deployable(model, data, stages, trainer_for, result)
 
     costs = cost.layer_costs(model, data.input_size)
     fp32_macs = cost.total_macs(fp32_costs)
@@ -305,7 +308,7 @@ def _run(cfg: DictConfig, output_dir: Path, chash: str, stages: Stages, writer: 
         params=sum(p.numel() for p in model.parameters()), size_bytes=size, fp32_size_bytes=fp32_size,
         protocol=protocol, layers=layers, method_summary=method.summary, finetune_summary=finetune_summary,
         timings=dict(stages), sweep_id=str(cfg.sweep_id), overrides=_overrides(), config_hash=chash,
-        config=result_config(cfg), **provenance.versions(), compression_ratio=fp32_size / size)
+        config=result_config(cfg), **provenance.versions(), compression_ratio=fp32_size / size, **deploy)
     if writer and any(export_options(cfg)):
         with stages.stage("export"):
             try:
@@ -413,13 +416,20 @@ def recalibrate(cfg: DictConfig, model: nn.Module, data: DataBundle, stages: Sta
 def observe(model: nn.Module, data: DataBundle, stages: Stages, trainer_for: Any) -> None:
     """Fit every activation quantizer without a grid on the calibration images (``data.calib_transform``)."""
     with stages.stage("observe"):
-        loader = data.calib_loader()
-        with observing_activations(model) as pending:
-            if pending:
-                lit.calibration_pass(trainer_for(loader), model, loader)
+        pending = observe_pass(model, data, trainer_for)
     if pending:
         log.info("observe: %d activation quantizers on %d images (%s transform, %.1f s)", len(pending),
                  data.calib_samples, data.calib_transform, stages["observe"])
+
+
+def observe_pass(model: nn.Module, data: DataBundle, trainer_for: Any) -> list:
+    """One pass over the calibration images fitting the activation quantizers without a grid;
+    returns them."""
+    loader = data.calib_loader()
+    with observing_activations(model) as pending:
+        if pending:
+            lit.calibration_pass(trainer_for(loader), model, loader)
+    return pending
 
 
 def finetune_trainer(finetune: Any, progress: bool, trainer_kw: dict) -> pl.Trainer:
@@ -430,6 +440,39 @@ def finetune_trainer(finetune: Any, progress: bool, trainer_kw: dict) -> pl.Trai
     devices = kw.pop("devices")
     return make_trainer(finetune.steps, devices=devices, logger=False, enable_progress_bar=progress,
                         default_root_dir=trainer_kw["root_dir"], **kw)
+
+
+def evaluate_deployable(model: nn.Module, data: DataBundle, stages: Stages, trainer_for: Any,
+                        result: lit.EvalResult) -> dict[str, Any]:
+    """The deployable form of ``model`` (:func:`qaf.export.deploy.deployable`: batch norms folded,
+    additions and biases on grids; its new quantizers fitted on the calibration images, stage
+    ``deploy``) scored on the evaluation images (stage ``deploy_eval``), against ``result`` (the
+    model's own scores).
+
+    Returns
+    -------
+    dict
+        The ``deploy_*`` fields of :class:`qaf.results.Metrics`: ``deploy_top1``, ``deploy_top1_ci95``,
+        ``deploy_vs_top1`` (paired comparison, the form as A) and ``deploy`` (what the form changed),
+        or only ``deploy`` = ``{"error": ...}`` when the model has no deployable form (the run's
+        own figures stand).
+    """
+    try:
+        with stages.stage("deploy"):
+            form = deployable(model, lambda form: observe_pass(form, data, trainer_for))
+    except Exception as err:  # e.g. a forward torch.fx cannot trace: say why, keep the run
+        log.error("deployable form failed (%s: %s); metrics.json is written without deploy_top1",
+                  type(err).__name__, err)
+        return {"deploy": {"error": f"{type(err).__name__}: {err}"}}
+    with stages.stage("deploy_eval"):
+        loader = data.eval_loader()
+        scored = lit.evaluate(trainer_for(loader), form, loader)
+    n = int(scored.correct1.size)
+    vs = paired_comparison(scored.correct1, result.correct1)
+    log.info("deployable form: top-1 %.2f%% (%+.2f points, p=%.3g against the run's), %s", scored.top1,
+             vs.diff, vs.p_value, form.deploy_summary)
+    return {"deploy_top1": round(scored.top1, 4), "deploy_vs_top1": vs.as_dict(), "deploy": form.deploy_summary,
+            "deploy_top1_ci95": [round(v, 4) for v in wilson_interval(int(scored.correct1.sum()), n)]}
 
 
 def _model_name(cfg: DictConfig) -> str:

@@ -116,6 +116,10 @@ class Metrics:
     packages: dict = field(default_factory=dict)
     compression_ratio: float | None = None
     export: dict | None = None
+    deploy_top1: float | None = None
+    deploy_top1_ci95: list | None = None
+    deploy_vs_top1: dict | None = None
+    deploy: dict | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The fields as metrics.json holds them (``export`` only when something was exported)."""

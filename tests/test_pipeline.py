@@ -118,7 +118,7 @@ class EvalGuard(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, i: int):
-        if self.stage[-1] not in ("fp32_eval", "eval"):
+        if self.stage[-1] not in ("fp32_eval", "eval", "deploy_eval"):
             raise AssertionError(f"evaluation image {i} read during the {self.stage[-1]} stage")
         return self.base[i]
 
@@ -168,7 +168,7 @@ def test_the_same_config_twice_gives_identical_metrics_and_calibration_never_rea
     a, b = (np.load(tmp_path / "multirun_outputs" / s / "predictions.npz") for s in ("a", "b"))
     assert np.array_equal(a["correct1"], b["correct1"])
     ran = set(guarded_eval)  # the guard was in place through every stage of this family's protocol
-    assert {"compress", "observe", "fp32_eval", "eval"} <= ran
+    assert {"compress", "observe", "fp32_eval", "eval", "deploy", "deploy_eval"} <= ran
     assert ("finetune" in ran) == (family == "qswd") and ("bn_recalibration" in ran) == (family not in ("fp32", "lapq"))
 
 

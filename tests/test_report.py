@@ -30,7 +30,7 @@ from qaf.report.collect import (FAILED, INCOMPLETE, INVALID, KILLED, NOT_STARTED
                                 collect_sweep, latest_sweeps, record_launch)
 from qaf.report.compare import NotComparable, compare_runs
 from qaf.report.pareto import mark_rows, matched_cost, pareto_front, render_frontier_markdown
-from qaf.report.tables import FLOAT, Row, aggregate, read_paper_csv, render_latex
+from qaf.report.tables import FLOAT, Row, aggregate, read_paper_csv, render_latex, result_record
 from qaf.results import MethodInfo
 
 from conftest import compose, expected_overrides
@@ -293,6 +293,21 @@ def test_float_row_on_top_with_interval(sweep: Path) -> None:
     assert table["PTQ"]["Top-1"] == top1_cell(c1)
     vs = paired_comparison(c1, FP32)
     assert table["PTQ"]["Δ float"] == f"{vs.diff:+.2f} (p={vs.p_value:.3f})" and vs.p_value >= 0.001
+
+
+def test_deploy_top1_column_shows_the_deployable_form_against_top1(sweep: Path) -> None:
+    c1, deployed = correct(0.85, seed=3), correct(0.84, seed=4)
+    result = metrics_of(c1, "ptq")
+    vs = paired_comparison(deployed, c1)
+    result.update(deploy_top1=100.0 * deployed.mean(), deploy_vs_top1=vs.as_dict(),
+                  deploy_top1_ci95=list(wilson_interval(int(deployed.sum()), N)), deploy={"batch_norms_folded": 19})
+    make_job(sweep / "2", ["method=ptq", "bits=4"], result, predictions=c1)
+    report = build_report([sweep], sweep).markdown
+    table = md_rows(report)
+    assert table["PTQ"]["Deploy top-1"] == f"{100 * deployed.mean():.2f} ({vs.diff:+.2f}, p={vs.p_value:.3f})"
+    assert table["Float"]["Deploy top-1"] == "–" and "Deploy top-1: the deployable form" in report
+    (record,) = [r for r in map(result_record, collect_sweep(sweep)) if r["job"] == "2"]
+    assert (record["deploy_top1"], record["deploy_diff"]) == (result["deploy_top1"], vs.diff)
 
 
 def test_seeds_give_mean_std_and_count(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ or linear layer ``W = A B^T`` becomes two layers (Cin -> R, R -> Cout).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -68,6 +69,11 @@ class CPConv2d(LayerType):
         kh, kw = current.kernel_size
         sizes = (current.out_channels, current.in_channels, kh * kw)
         return cls(current, [current.weight.new_zeros(n, record["rank"]) for n in sizes])
+
+    def deploy_module(self) -> nn.Module:
+        """Its three convs in a row (the plain path of :meth:`forward`)."""
+        return nn.Sequential(OrderedDict(pointwise_in=self.pointwise_in, depthwise=self.depthwise,
+                                         pointwise_out=self.pointwise_out))
 
     def forward(self, x: Tensor) -> Tensor:
         if not (CHANNELS_LAST_ON_CPU and x.dim() == 4 and x.device.type == "cpu" and not torch.is_grad_enabled()):

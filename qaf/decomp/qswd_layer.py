@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from qaf.decomp.qswd import QSWDResult, matrix_to_weight, sparse_product, weight_to_matrix
 from qaf.layer_type import LayerType, TensorReader, TensorWriter
+from qaf.quant.modules import QuantLayer
 from qaf.quant.qdq import DequantizedWeight, LoweredLayer
 from qaf.quant.uniform import Grid, make_grid, same_bits
 
@@ -216,6 +217,28 @@ class _QSWDLayer(LayerType):
                 lowered = DequantizedWeight(grid, codes)
         conv = (self.stride, self.padding, self.dilation, 1) if isinstance(self, QSWDConv2d) else None
         return LoweredLayer(lowered, self.bias, conv)
+
+    def deploy_module(self) -> nn.Module:
+        """A dense conv / linear layer on the regenerated weight: a ``QuantLayer`` on the weight's
+        grid (a float layer without one)."""
+        with torch.no_grad():
+            weight = self.weight.detach()
+        if isinstance(self, QSWDConv2d):
+            cout, cin, kh, kw = self.weight_shape
+            dense: nn.Module = nn.Conv2d(cin, cout, (kh, kw), self.stride, self.padding, self.dilation,
+                                         bias=self.bias is not None, device=weight.device, dtype=weight.dtype)
+        else:
+            dense = nn.Linear(self.weight_shape[1], self.weight_shape[0], bias=self.bias is not None,
+                              device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(weight)
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        grid = self.grid("weight")
+        if grid is None:
+            return dense
+        bits = getattr(self, "qaf_bits", (_bits(grid), 32))
+        return QuantLayer(dense, _bits(grid), bits[1], weight_grid=grid, fit_weight=False, act=nn.Identity())
 
 
 class QSWDConv2d(_QSWDLayer):

@@ -11,6 +11,9 @@ from :mod:`qaf.quant.qdq`, so the graph says what the PyTorch model computes:
 - a quantized weight becomes an integer initializer (its grid codes) and ``DequantizeLinear``
   (per tensor, or per output channel with ``axis=0``) feeding the ``Conv`` / ``Gemm``; LAPQ's
   zero-free grid as odd integers with half the scale, its bias correction as a ``Sub``;
+- a bias on the int32 grid of an integer kernel's accumulator (the deployable form,
+  :mod:`qaf.export.deploy`) becomes an ``int32`` initializer and ``DequantizeLinear``, so that
+  onnxruntime's optimizer fuses ``DQ -> Conv -> Q`` into ``QLinearConv`` with that bias;
 - a CP layer is its three convs (the generic lowering: its forward through its lowered
   sub-convs); a QSWD layer is one conv on its regenerated weight's codes;
 - float layers stay float, as the exporter writes them (its optimizer folds a float conv's batch
@@ -32,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from qaf.layer_type import LayerType
+from qaf.layer_type import converted
 
 OPSET = 21
 
@@ -40,17 +43,7 @@ OPSET = 21
 def lowered(model: nn.Module) -> nn.Module:
     """A CPU copy of ``model`` with every layer type replaced by its ``onnx_module()``, recursively
     (a shared module stays shared)."""
-    done: dict[int, tuple[nn.Module, nn.Module]] = {}  # id -> (module, lowered): keeps the ids alive
-
-    def lower(module: nn.Module) -> nn.Module:
-        if id(module) not in done:
-            new = module.onnx_module() if isinstance(module, LayerType) else module
-            done[id(module)] = (module, new)
-            for name, child in list(new.named_children()):
-                setattr(new, name, lower(child))
-        return done[id(module)][1]
-
-    return lower(copy.deepcopy(model).cpu().eval())
+    return converted(copy.deepcopy(model).cpu().eval(), "onnx_module")
 
 
 def _name_nodes(proto: Any) -> None:
@@ -113,7 +106,8 @@ LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended":
           "all": "ORT_ENABLE_ALL"}
 
 
-def session(path: str | Path, threads: int | None = None, level: str = "all") -> Any:
+def session(path: str | Path, threads: int | None = None, level: str = "all",
+            optimized_path: str | Path | None = None) -> Any:
     """An onnxruntime CPU session.
 
     Parameters
@@ -124,6 +118,8 @@ def session(path: str | Path, threads: int | None = None, level: str = "all") ->
         Intra-op threads (default: onnxruntime's choice, one per core).
     level : {"disable", "basic", "extended", "all"}
         Graph optimization level (see :data:`LEVELS`).
+    optimized_path : path, optional
+        Where onnxruntime writes the graph it runs (after its optimizer).
     """
     import onnxruntime as ort
 
@@ -133,7 +129,24 @@ def session(path: str | Path, threads: int | None = None, level: str = "all") ->
         options.inter_op_num_threads = 1
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[level])
     options.log_severity_level = 3
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+#: onnxruntime ops of a conv / linear layer on integer kernels, and in float (the NCHWc layout
+#: transformer's convs have op type Conv in the com.microsoft.nchwc domain).
+INTEGER_OPS = {"QLinearConv", "ConvInteger", "QGemm", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat",
+               "DynamicQuantizeMatMul"}
+FLOAT_OPS = {"Conv", "FusedConv", "NhwcFusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"}
+
+
+def kernel_counts(path: str | Path) -> dict[str, int]:
+    """Convs and linear layers of an (optimized) ONNX graph on integer kernels and in float."""
+    import onnx
+
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    return {"integer": sum(op in INTEGER_OPS for op in ops), "float": sum(op in FLOAT_OPS for op in ops)}
 
 
 def onnx_logits(sess: Any, images: Tensor, batch_size: int = 256) -> Tensor:

@@ -214,6 +214,9 @@ class QuantLayer(LayerType):
         self.act = act if act is not None else ActQuantizer(a_bits, **(act_scheme or {})).to(layer.weight.device)
         self.register_buffer("weight_fp", layer.weight.detach().clone(), persistent=False)
         self.weight_grid: Grid | None = weight_grid
+        # The deployable form's (run_on_integers): its input's grid, the int32 accumulator's grid.
+        self.input_grid: Grid | None = None
+        self.bias_grid: Grid | None = None
         self.bias_correction = False
         self.master: nn.Parameter | None = None
         if weight_grid is None and fit_weight:
@@ -266,7 +269,8 @@ class QuantLayer(LayerType):
             return None
         weight = self.layer.weight.detach()
         grid = self.weight_grid.to(weight.device)
-        offset = getattr(self, "qaf_weight_offset", None) if self.bias_correction else None  # a loaded model's
+        # The offset a loaded or folded model records; else LAPQ's, recomputed below.
+        offset = getattr(self, "qaf_weight_offset", None) if self.bias_correction else None
         if not self.bias_correction:
             source = weight
         elif offset is None:  # LAPQ: the weight is grid(weight_fp) shifted per channel (correct_mean)
@@ -329,21 +333,130 @@ class QuantLayer(LayerType):
         layer = self.layer
         codes = self.weight_codes()
         weight = DequantizedWeight(*codes) if codes is not None else layer.weight
+        bias = layer.bias
+        if bias is not None and self.bias_grid is not None:  # int32 codes, as an integer kernel takes it
+            bias = DequantizedWeight(self.bias_grid, self.bias_grid.codes(bias.detach()), dtype=torch.int32)
         if isinstance(layer, nn.Linear):
-            return LoweredLayer(weight, layer.bias, act=self.act)
+            return LoweredLayer(weight, bias, act=self.act)
         if layer.padding_mode != "zeros":
             raise NotImplementedError(f"padding_mode={layer.padding_mode!r} does not lower to ONNX")
-        return LoweredLayer(weight, layer.bias, (layer.stride, layer.padding, layer.dilation, layer.groups), self.act)
+        return LoweredLayer(weight, bias, (layer.stride, layer.padding, layer.dilation, layer.groups), self.act)
+
+    def deploy_module(self) -> nn.Module:
+        """Its input quantizer as a module of its own in front of it (:class:`QuantInput`), so that
+        the deployable form sees every quantizer; the layer itself keeps no input module."""
+        if not isinstance(self.act, ActQuantizer):
+            return self
+        act, self.act = self.act, nn.Identity()
+        return QuantInput(self, act)
+
+    @torch.no_grad()
+    def fold_affine(self, scale: Tensor, shift: Tensor) -> None:
+        """Fold ``y[c] * scale[c] + shift[c]`` (a batch norm reading the output) into the layer.
+
+        A weight on a grid keeps its codes and its grid's scale becomes ``scale[c]`` times its own
+        per output channel (a per-tensor grid becomes per channel), so the folded layer computes
+        what the layer and the batch norm compute up to float rounding; a bias correction's offset
+        is scaled along. A float weight is scaled (:func:`fold_affine`), and so is the bias.
+
+        Parameters
+        ----------
+        scale, shift : Tensor
+            One value per output channel.
+        """
+        codes = self.weight_codes()
+        factor = fold_affine(self.layer, scale, shift)
+        self.weight_fp.mul_(factor)
+        if codes is None:
+            self.weight_grid = None
+            return
+        weight = self.layer.weight
+        grid, q, offset = codes  # on the CPU
+        per_channel = grid.scale.to(weight.device) * factor
+        self.weight_grid = Grid(per_channel, grid.zero_point.to(weight.device).expand_as(per_channel).clone(),
+                                grid.qmin, grid.qmax)
+        folded = self.weight_grid.dequantize(q.to(weight.device), weight.dtype)
+        if offset is not None:
+            self.qaf_weight_offset = offset.to(weight.device) * factor
+            folded = folded - self.qaf_weight_offset
+        weight.copy_(folded)
+
+    @torch.no_grad()
+    def run_on_integers(self, input_grid: Grid) -> bool:
+        """Compute as an integer kernel does on inputs on ``input_grid`` (the deployable form).
+
+        The bias is rounded onto the grid the kernel accumulates on: int32 codes with step
+        ``input scale x weight scale`` (per output channel when the weight grid is), zero point 0.
+        The forward then convolves the input's codes (minus its zero point) with the weight's,
+        integer values whose sums float32 holds exactly (below 2^24), adds the bias codes and
+        multiplies by that step once, as an integer kernel's accumulator and requantization do:
+        summing dequantized values in float instead rounds at every product, which moves a few
+        activation codes per image against onnxruntime's integer kernels.
+
+        Parameters
+        ----------
+        input_grid : Grid
+            The per-tensor grid of the layer's input.
+
+        Returns
+        -------
+        bool
+            Whether it does: the weight is on a grid without a bias correction (LAPQ's offset is
+            subtracted in float, which no integer kernel computes).
+        """
+        codes = self.weight_codes()
+        if codes is None or codes[2] is not None:
+            return False
+        grid, q, _ = codes
+        weight, bias = self.layer.weight, self.layer.bias
+        scale = input_grid.scale.to(weight) * grid.scale.to(weight)
+        scale = scale.reshape(-1) if scale.dim() else scale  # per output channel, or per tensor
+        info = torch.iinfo(torch.int32)
+        self.bias_grid = Grid(scale, torch.zeros_like(scale), info.min, info.max)
+        self.input_grid = input_grid.to(weight.device)
+        self.register_buffer("integer_weight", (q.to(weight) - grid.zero_point.to(weight)), persistent=False)
+        if bias is not None:
+            bias.copy_(self.bias_grid(bias))
+        return True
+
+    def _integer_forward(self, x: Tensor) -> Tensor:
+        """The forward of :meth:`run_on_integers`."""
+        codes = self.input_grid.codes(x).sub_(self.input_grid.zero_point)
+        bias = self.layer.bias
+        bias = None if bias is None else self.bias_grid.codes(bias.detach())
+        if isinstance(self.layer, nn.Conv2d):
+            return self.layer._conv_forward(codes, self.integer_weight, bias).mul_(self.bias_grid.scale.view(-1, 1, 1))
+        return F.linear(codes, self.integer_weight, bias).mul_(self.bias_grid.scale)
 
     def forward(self, x: Tensor, inplace: bool = False) -> Tensor:
         """``inplace=True``: ``x`` is the caller's private tensor, the input quantizer may overwrite it."""
         x = self.act(x, inplace=True) if inplace and isinstance(self.act, ActQuantizer) else self.act(x)
+        if self.input_grid is not None:
+            return self._integer_forward(x)
         if self.master is None:
             return self.layer(x)
         weight = self._quantized(self.master)
         if isinstance(self.layer, nn.Conv2d):
             return self.layer._conv_forward(x, weight, self.layer.bias)
         return F.linear(x, weight, self.layer.bias)
+
+
+@torch.no_grad()
+def fold_affine(layer: nn.Conv2d | nn.Linear, scale: Tensor, shift: Tensor) -> Tensor:
+    """Fold ``y[c] * scale[c] + shift[c]`` into a conv / linear layer's weight and bias, in place.
+
+    Returns
+    -------
+    Tensor
+        ``scale`` shaped to multiply the weight (one value per output channel).
+    """
+    weight = layer.weight
+    factor = scale.to(weight).reshape(-1, *[1] * (weight.dim() - 1))
+    weight.mul_(factor)
+    shift = shift.to(weight)
+    layer.bias = nn.Parameter(shift if layer.bias is None else layer.bias * scale.to(weight) + shift,
+                              requires_grad=False)
+    return factor
 
 
 Plan = Mapping[str, "tuple[int, int] | None"]

@@ -75,9 +75,12 @@ class DequantizedWeight(nn.Module):
         Its codes (``grid.codes(weight)``).
     offset : Tensor, optional
         Subtracted after dequantization.
+    dtype : torch.dtype, optional
+        The codes' integer type (default: the smallest holding them); ``torch.int32`` for a bias
+        on the grid of an integer kernel's accumulator.
     """
 
-    def __init__(self, grid: Grid, codes: Tensor, offset: Tensor | None = None):
+    def __init__(self, grid: Grid, codes: Tensor, offset: Tensor | None = None, dtype: torch.dtype | None = None):
         super().__init__()
         scale, zero_point = grid.scale.detach().float().cpu(), grid.zero_point.detach().float().cpu()
         codes = codes.detach().cpu()
@@ -85,7 +88,10 @@ class DequantizedWeight(nn.Module):
             codes, scale, zero_point = codes * 2 - zero_point * 2, scale / 2, torch.zeros_like(zero_point)
         codes, zero_point = codes.round().long(), zero_point.round().long()
         lo, hi = min(int(codes.min()), int(zero_point.min())), max(int(codes.max()), int(zero_point.max()))
-        self.dtype, self.tmin, self.tmax = int_type(lo, hi)
+        if dtype is None:
+            self.dtype, self.tmin, self.tmax = int_type(lo, hi)
+        else:
+            self.dtype, self.tmin, self.tmax = dtype, torch.iinfo(dtype).min, torch.iinfo(dtype).max
         self.per_channel = scale.dim() > 0
         if self.per_channel and scale.numel() != codes.shape[0]:
             raise NotImplementedError("a per-channel weight grid lowers to ONNX along the output channels only")
@@ -114,28 +120,32 @@ class LoweredLayer(nn.Module):
     ----------
     weight : DequantizedWeight or Tensor
         Integer codes to dequantize, or a float weight.
-    bias : Tensor or None
-        The bias.
+    bias : DequantizedWeight, Tensor or None
+        The bias: int32 codes to dequantize (the accumulator's grid of an integer kernel), float, or none.
     conv : tuple, optional
         ``(stride, padding, dilation, groups)`` of a conv with zero padding; None: a linear layer.
     act : nn.Module, optional
         Applied to the input first.
     """
 
-    def __init__(self, weight: DequantizedWeight | Tensor, bias: Tensor | None, conv: tuple | None = None,
-                 act: nn.Module | None = None):
+    def __init__(self, weight: DequantizedWeight | Tensor, bias: DequantizedWeight | Tensor | None,
+                 conv: tuple | None = None, act: nn.Module | None = None):
         super().__init__()
         self.act = act if act is not None else nn.Identity()
         if isinstance(weight, Tensor):
             self.register_buffer("float_weight", weight.detach().float().cpu())
         else:
             self.weight = weight
-        self.register_buffer("bias", None if bias is None else bias.detach().float().cpu())
+        if isinstance(bias, DequantizedWeight):
+            self.bias_codes = bias
+        else:
+            self.register_buffer("bias", None if bias is None else bias.detach().float().cpu())
         self.conv = conv
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.act(x)
         weight = self.float_weight if hasattr(self, "float_weight") else self.weight()
+        bias = self.bias_codes() if hasattr(self, "bias_codes") else self.bias
         if self.conv is None:
-            return F.linear(x, weight, self.bias)
-        return F.conv2d(x, weight, self.bias, *self.conv)
+            return F.linear(x, weight, bias)
+        return F.conv2d(x, weight, bias, *self.conv)

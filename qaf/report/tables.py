@@ -84,6 +84,9 @@ class Row:
         Means over seeds (``bops_pct`` in the report's convention).
     vs_fp32_diff, vs_fp32_p : float | None
         Paired difference to the float model (mean over seeds) and its McNemar p (largest).
+    deploy_top1, deploy_diff, deploy_p : float | None
+        Top-1 of the deployable form (``metrics.json["deploy_top1"]``, mean over seeds), its paired
+        difference to ``top1`` (mean) and that difference's McNemar p (largest).
     seeds : int
         Number of distinct seeds aggregated (0 for a paper-only row).
     paper_top1, paper_bops_pct : float | None
@@ -117,6 +120,9 @@ class Row:
     compression_ratio: float | None = None
     vs_fp32_diff: float | None = None
     vs_fp32_p: float | None = None
+    deploy_top1: float | None = None
+    deploy_diff: float | None = None
+    deploy_p: float | None = None
     seeds: int = 0
     paper_top1: float | None = None
     paper_bops_pct: float | None = None
@@ -262,6 +268,10 @@ def _row(key: Key, jobs: list[Job], bops_field: str) -> Row:
         tests = [m.vs_fp32 for m in metrics if m.vs_fp32 is not None]
         row.vs_fp32_diff = _mean([t.get("diff") for t in tests])
         row.vs_fp32_p = max((float(t["p_value"]) for t in tests if _is_number(t.get("p_value"))), default=None)
+        deploys = [m.deploy_vs_top1 for m in metrics if m.deploy_vs_top1 is not None]
+        row.deploy_top1 = _mean([m.deploy_top1 for m in metrics])
+        row.deploy_diff = _mean([t.get("diff") for t in deploys])
+        row.deploy_p = max((float(t["p_value"]) for t in deploys if _is_number(t.get("p_value"))), default=None)
     return row
 
 
@@ -411,6 +421,16 @@ def fmt_delta(row: Row) -> str:
     return f"{row.vs_fp32_diff:+.2f} ({p_text(row.vs_fp32_p)})"
 
 
+def fmt_deploy(row: Row) -> str:
+    """``89.55 (-0.20, p=0.250)``: the deployable form's top-1 and its paired difference to Top-1."""
+    if row.deploy_top1 is None:
+        return "–"
+    if row.deploy_diff is None:
+        return f"{row.deploy_top1:.2f}"
+    p = "" if row.deploy_p is None else f", {'max ' if row.seeds > 1 else ''}{p_text(row.deploy_p)}"
+    return f"{row.deploy_top1:.2f} ({row.deploy_diff:+.2f}{p})"
+
+
 def has_paper(rows: Sequence[Row]) -> bool:
     """Whether any row carries paper numbers (then the tables get paper columns)."""
     return any(r.paper_top1 is not None for r in rows)
@@ -465,10 +485,11 @@ def main_table(rows: Sequence[Row], bops_note: str = BOPS_NOTES["qaf"]) -> Table
     varying = _varying_protocol(rows)
     images = sorted({r.eval_samples for r in rows if r.ours and r.eval_samples is not None})
     paper, sources = has_paper(rows), sorted({r.paper_source for r in rows if r.paper_source})
+    deploy = any(r.deploy_top1 is not None for r in rows)
     header = ((["Model", "Data"] if multi else []) + ["Method", "w/a", "rate"]
               + [PROTOCOL_COLUMNS[i] for i in varying]
               + ["%BOPs", "Size (kB)", "Ratio"] + (["Images"] if len(images) > 1 else [])
-              + ["Top-1", "Δ float"]
+              + ["Top-1", "Δ float"] + (["Deploy top-1"] if deploy else [])
               + (["%BOPs (paper)", "Top-1 (paper)"] if paper else []) + (["Source"] if len(sources) > 1 else []))
     body = []
     for r in rows:
@@ -477,7 +498,7 @@ def main_table(rows: Sequence[Row], bops_note: str = BOPS_NOTES["qaf"]) -> Table
                  + [fmt_num(r.bops_pct), fmt_num(None if r.size_bytes is None else r.size_bytes / 1e3, digits=1),
                     "–" if r.compression_ratio is None else f"{r.compression_ratio:.2f}×"]
                  + ([str(r.eval_samples or "–")] if len(images) > 1 else [])
-                 + [fmt_top1(r), fmt_delta(r)]
+                 + [fmt_top1(r), fmt_delta(r)] + ([fmt_deploy(r)] if deploy else [])
                  + ([fmt_num(r.paper_bops_pct), fmt_num(r.paper_top1)] if paper else [])
                  + ([r.paper_source or "–"] if len(sources) > 1 else []))
         body.append(cells)
@@ -502,6 +523,10 @@ def _notes(rows: Sequence[Row], images: list[int], varying: list[int], sources: 
                      f"(exact McNemar test on the same images, {LEVEL_TEXT}).")
     if any(r.vs_fp32_diff is not None for r in rows):
         notes.append("Δ float: paired difference to the float model in points on the same images, with the "
+                     "exact McNemar p-value.")
+    if any(r.deploy_top1 is not None for r in rows):
+        notes.append("Deploy top-1: the deployable form (batch norms folded into the convs, additions and "
+                     "biases on integer grids, docs/export.md), with its paired difference to Top-1 and the "
                      "exact McNemar p-value.")
     notes.append(bops_note)
     protocols = sorted({r.protocol for r in rows if r.protocol})
@@ -638,16 +663,16 @@ def render_latex(rows: Sequence[Row], caption: str, bops_text: str = BOPS_NOTES[
 RESULT_COLUMNS = ["sweep", "job", "status", "error", "stage", "method", "model", "data", "w_bits", "a_bits",
                   "rate", "seed", "policy", "bn_recalibration", "bn_transform", "calib_samples", "calib_transform",
                   "eval_samples", "top1", "top1_ci_low", "top1_ci_high", "top5", "fp32_top1", "vs_fp32_diff",
-                  "vs_fp32_p", "bops_pct", "bops_pct_paper", "bops", "macs", "fp32_macs", "params", "size_bytes",
+                  "vs_fp32_p", "deploy_top1", "deploy_diff", "deploy_p", "bops_pct", "bops_pct_paper", "bops", "macs", "fp32_macs", "params", "size_bytes",
                   "fp32_size_bytes", "compression_ratio", "config_hash", "code", "overrides", "path"]
-_COPIED = ("eval_samples", "top1", "top5", "fp32_top1", "bops_pct", "bops_pct_paper", "bops", "macs",
+_COPIED = ("eval_samples", "top1", "top5", "fp32_top1", "deploy_top1", "bops_pct", "bops_pct_paper", "bops", "macs",
            "fp32_macs", "params", "size_bytes", "fp32_size_bytes", "compression_ratio", "config_hash", "policy")
 
 
 def result_record(job: Job) -> dict[str, Any]:
     """One job as a :data:`RESULT_COLUMNS` record (empty cells where unknown)."""
     m = job.metrics.to_json() if job.metrics is not None else {}
-    proto, vs = m.get("protocol", {}), m.get("vs_fp32") or {}
+    proto, vs, deploy = m.get("protocol", {}), m.get("vs_fp32") or {}, m.get("deploy_vs_top1") or {}
     ci = interval_of(m.get("top1_ci95")) or ("", "")
     is_float = job.metrics is not None and job.metrics.method_info.reference
     rec = {
@@ -659,7 +684,8 @@ def result_record(job: Job) -> dict[str, Any]:
         "bn_recalibration": proto.get("bn_recalibration", ""), "bn_transform": proto.get("bn_transform", ""),
         "calib_samples": proto.get("calib_samples", ""), "calib_transform": proto.get("calib_transform", ""),
         "top1_ci_low": ci[0], "top1_ci_high": ci[1], "vs_fp32_diff": vs.get("diff", ""),
-        "vs_fp32_p": vs.get("p_value", ""), "overrides": " ".join(job.overrides),
+        "vs_fp32_p": vs.get("p_value", ""), "deploy_diff": deploy.get("diff", ""),
+        "deploy_p": deploy.get("p_value", ""), "overrides": " ".join(job.overrides),
         "code": code_label(m["code"]) if "code" in m else "",
         "path": "" if job.path is None else str(job.path),
     }

@@ -1,6 +1,6 @@
 """A static page per sweep: the table and its notes, the plot embedded as data (no external files,
-no scripts, opens offline), the matched-cost tables when two or more methods are reported, and
-every job without results."""
+no scripts, opens offline), the matched-cost tables when two or more methods are reported, the
+per-layer rates of jobs that chose their CP ranks under a budget, and every job without results."""
 
 from __future__ import annotations
 
@@ -45,6 +45,14 @@ def html_table(table: Table) -> list[str]:
     return parts
 
 
+def _image(png: Path | None, alt: str) -> list[str]:
+    """The PNG embedded as data (nothing when it was not written)."""
+    if png is None or not Path(png).is_file():
+        return []
+    data = base64.b64encode(Path(png).read_bytes()).decode("ascii")
+    return [f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{data}'>"]
+
+
 def _matched_cost_section(rows: Sequence[Row]) -> list[str]:
     if count_methods(rows) < 2:
         return []
@@ -58,7 +66,7 @@ def _matched_cost_section(rows: Sequence[Row]) -> list[str]:
 
 
 def render_html(rows: Sequence[Row], jobs: Sequence[Job], title: str, plot_png: Path | None,
-                bops_text: str = BOPS_NOTES["qaf"]) -> str:
+                bops_text: str = BOPS_NOTES["qaf"], ranks_png: Path | None = None) -> str:
     """Build the page.
 
     Parameters
@@ -73,6 +81,8 @@ def render_html(rows: Sequence[Row], jobs: Sequence[Job], title: str, plot_png: 
         ``pareto.png`` to embed, if written.
     bops_text : str
         The %BOPs sentence (:func:`qaf.report.tables.bops_note`).
+    ranks_png : Path | None
+        ``ranks.png`` (per-layer rates of the jobs that chose their ranks under a budget), if written.
 
     Returns
     -------
@@ -85,10 +95,11 @@ def render_html(rows: Sequence[Row], jobs: Sequence[Job], title: str, plot_png: 
     parts += html_table(main_table(rows, bops_text))
     ok = sum(j.status == OK for j in jobs)
     parts.append(f"<p>{ok} of {len(jobs)} jobs finished.</p>")
-    if plot_png is not None and Path(plot_png).is_file():
-        data = base64.b64encode(Path(plot_png).read_bytes()).decode("ascii")
-        parts.append(f"<img alt='top-1 against %BOPs and model size' src='data:image/png;base64,{data}'>")
+    parts += _image(plot_png, "top-1 against %BOPs and model size")
     parts += _matched_cost_section(rows)
+    if ranks_png is not None:
+        parts.append("<h2>Per-layer ranks under a budget</h2>")
+        parts += _image(ranks_png, "each layer's rate under each budget")
     problems = problem_jobs(jobs)
     if problems:
         parts.append("<h2>Jobs without results</h2><ul>")

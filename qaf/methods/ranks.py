@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from qaf.methods.cp import CP
 
 #: Version of the sensitivity numerics (what a cached curve point holds): part of its cache key.
-VERSION = 1
+VERSION = 2
 
 __all__ = ["BudgetOptions", "Candidates", "allocate", "allocate_ranks", "candidates", "check_budget",
            "effective_rate", "factor_rate", "sensitivity"]
@@ -78,8 +78,8 @@ class BudgetOptions:
 
     bops_pct: float | None = option(None, low=0, low_open=True, high=100)
     size_kb: float | None = option(None, low=0, low_open=True)
-    rates: list[float] = option([1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0], low=1, low_open=True)
-    samples: int = option(512, low=1)
+    rates: list[float] = option([1.5, 2.0, 2.5, 3.0, 4.0, 6.0], low=1, low_open=True)
+    samples: int = option(256, low=1)
 
     @classmethod
     def from_config(cls, node: Any) -> "BudgetOptions":

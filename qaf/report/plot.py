@@ -66,17 +66,17 @@ def plot_pareto(rows: Sequence[Row], path: Path, title: str) -> Path:
         for ax, panel in zip(ax_row, _PANELS):
             _draw_panel(ax, pair_rows, panel, color_of)
             ax.set_title(f"{model} / {data}" if model else "")
+    return _save(fig, title, Path(path))
+
+
+def _save(fig: plt.Figure, title: str, path: Path) -> Path:
     fig.suptitle(title)
     fig.tight_layout()
-    _save(fig, Path(path))
-    return Path(path)
-
-
-def _save(fig: plt.Figure, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # readers never see half a PNG
     fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     os.replace(tmp, path)
+    return path
 
 
 def _yerr(rows: Sequence[Row]) -> list[list[float]]:
@@ -190,7 +190,4 @@ def plot_allocation(jobs: Sequence[Job], path: Path, title: str) -> Path | None:
         ax.set_title(panel)
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    fig.suptitle(title)
-    fig.tight_layout()
-    _save(fig, Path(path))
-    return Path(path)
+    return _save(fig, title, Path(path))

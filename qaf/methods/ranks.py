@@ -13,9 +13,11 @@ predicted loss of accuracy is least:
    protocol gives it one), so the total of an allocation is the figure metrics.json reports.
 2. **Sensitivity** (:func:`sensitivity`): for each layer and candidate rank, the layer factorized
    by the run's own method (its init, solver and ``bits``: CPD-EPC and ADMM-EPC get their own
-   curves), every other layer and all activations left in float, and the mean KL divergence of
-   the model's output distribution from the float model's on the first ``ranks.samples``
-   calibration images (training images; evaluation images are never read). Each point is cached
+   curves), every other layer and all activations left in float, the batch-norm statistics
+   re-estimated on the same images (as the protocol re-estimates them after compression), and the
+   mean KL divergence of the model's output distribution from the float model's on the first
+   ``ranks.samples`` calibration images (training images; evaluation images are never read).
+   Each point is cached
    under the factorization's keys, the model, the images and :data:`VERSION`, and the
    factorizations under their own keys, so a sweep over budgets pays for the scan once.
 3. **Allocation** (:func:`allocate`): one candidate per layer minimising the summed KL with the
@@ -41,6 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from qaf.cache import FactorCache, key_digest, tensor_digest
+from qaf.calib import recalibrating_bn, run_passes
 from qaf.config import ConfigError, check_options, option
 from qaf.decomp.cp import cp_rank, max_rate, weight_to_tensor
 from qaf.metrics.bops import bops_pct, layer_costs, total_macs
@@ -53,7 +56,7 @@ if TYPE_CHECKING:
     from qaf.methods.cp import CP
 
 #: Version of the sensitivity numerics (what a cached curve point holds): part of its cache key.
-VERSION = 2
+VERSION = 3
 
 __all__ = ["BudgetOptions", "Candidates", "allocate", "allocate_ranks", "candidates", "check_budget",
            "effective_rate", "factor_rate", "sensitivity"]
@@ -316,18 +319,20 @@ def sensitivity(method: "CP", model: nn.Module, ctx: "CompressContext", found: C
 
 def _score(method: "CP", model: nn.Module, name: str, conv: nn.Conv2d, rank: int, ctx: "CompressContext",
            cache: FactorCache, batches: list[Tensor], reference: list[Tensor]) -> tuple[dict[str, Tensor], dict]:
-    """One curve point: ``name`` factorized at ``rank`` in place of ``conv`` (put back after), its mean KL
-    divergence (nats per image) from the float model's outputs, whose log-probabilities ``reference``
-    holds (filled on the first call)."""
+    """One curve point: a copy of the model with ``name`` factorized at ``rank``, its batch-norm
+    statistics re-estimated on ``batches`` (as the protocol re-estimates them after compression:
+    without it the scan scores shifts of the layer's output statistics that the final model no
+    longer has), and its mean KL divergence (nats per image) from the float model's outputs, whose
+    log-probabilities ``reference`` holds (filled on the first call)."""
     if not reference:
         reference.extend(F.log_softmax(model(x), dim=1).double() for x in batches)
     module, _, _ = method.factorize(name, conv, rank, ctx, cache)
-    set_submodule(model, name, module)
-    try:
-        total = sum(F.kl_div(F.log_softmax(model(x), dim=1).double(), ref, log_target=True, reduction="sum").item()
-                    for x, ref in zip(batches, reference))
-    finally:
-        set_submodule(model, name, conv)
+    shell = copy.deepcopy(model)
+    set_submodule(shell, name, module)
+    with recalibrating_bn(shell):
+        run_passes(shell, [(x,) for x in batches])
+    total = sum(F.kl_div(F.log_softmax(shell(x), dim=1).double(), ref, log_target=True, reduction="sum").item()
+                for x, ref in zip(batches, reference))
     kl = total / sum(len(x) for x in batches)
     return {"kl": torch.tensor(kl, dtype=torch.float64)}, {"kl": kl}
 

@@ -14,7 +14,8 @@ predicted loss of accuracy is least:
 2. **Sensitivity** (:func:`sensitivity`): for each layer and candidate rank, the layer factorized
    by the run's own method (its init, solver and ``bits``: CPD-EPC and ADMM-EPC get their own
    curves), every other layer and all activations left in float, the batch-norm statistics
-   re-estimated on the same images (as the protocol re-estimates them after compression), and the
+   re-estimated on the same images under ``data.bn_transform`` (as the protocol re-estimates them
+   after compression), and the
    mean KL divergence of the model's output distribution from the float model's on the first
    ``ranks.samples`` calibration images (training images; evaluation images are never read).
    Each point is cached
@@ -56,7 +57,7 @@ if TYPE_CHECKING:
     from qaf.methods.cp import CP
 
 #: Version of the sensitivity numerics (what a cached curve point holds): part of its cache key.
-VERSION = 3
+VERSION = 4
 
 __all__ = ["BudgetOptions", "Candidates", "allocate", "allocate_ranks", "candidates", "check_budget",
            "effective_rate", "factor_rate", "sensitivity"]
@@ -289,11 +290,16 @@ def sensitivity(method: "CP", model: nn.Module, ctx: "CompressContext", found: C
 
     cache = ctx.cache if ctx.cache is not None else FactorCache("", enabled=False)
     batches = [x for x, _ in calibration_batches(ctx.data, samples, ctx.data.batch_size, ctx.device)]
+    # The protocol re-estimates BN statistics under data.bn_transform: the training augmentation the
+    # model's statistics come from (under the evaluation transform the float model itself drifts).
+    bn_batches = [(x,) for x, _ in calibration_batches(ctx.data, samples, ctx.data.batch_size, ctx.device,
+                                                       ctx.data.bn_transform)]
     was_training = model.training
     model.eval()
     digest = key_digest({name: tensor_digest(t) for name, t in model.state_dict().items()})
     base = {"stage": "rank_sensitivity", "version": VERSION, "model": digest, "loss": "kl",
-            "images": tensor_digest(torch.cat(batches))}
+            "images": tensor_digest(torch.cat(batches)),
+            "bn_images": tensor_digest(torch.cat([x for x, in bn_batches]))}
     reference: list[Tensor] = []  # the float model's log-probabilities, computed on the first miss
     layers = dict(method.select_layers(model, ctx.policy))
     curves, hits = [], 0
@@ -305,7 +311,7 @@ def sensitivity(method: "CP", model: nn.Module, ctx: "CompressContext", found: C
             for rank in ranks:
                 key = {**base, "layer": name, "factors": list(method.stage_keys(conv, rank, ctx).values())[-1]}
                 _, meta, hit = cache.get_or_compute(
-                    key, lambda: _score(method, model, name, conv, rank, ctx, cache, batches, reference),
+                    key, lambda: _score(method, model, name, conv, rank, ctx, cache, batches, bn_batches, reference),
                     schema={"tensors": ["kl"], "meta": ["kl"]})
                 curve.append(float(meta["kl"]))
                 hits += hit
@@ -318,11 +324,12 @@ def sensitivity(method: "CP", model: nn.Module, ctx: "CompressContext", found: C
 
 
 def _score(method: "CP", model: nn.Module, name: str, conv: nn.Conv2d, rank: int, ctx: "CompressContext",
-           cache: FactorCache, batches: list[Tensor], reference: list[Tensor]) -> tuple[dict[str, Tensor], dict]:
+           cache: FactorCache, batches: list[Tensor], bn_batches: list[tuple[Tensor]],
+           reference: list[Tensor]) -> tuple[dict[str, Tensor], dict]:
     """One curve point: a copy of the model with ``name`` factorized at ``rank``, its batch-norm
-    statistics re-estimated on ``batches`` (as the protocol re-estimates them after compression:
+    statistics re-estimated on ``bn_batches`` (as the protocol re-estimates them after compression:
     without it the scan scores shifts of the layer's output statistics that the final model no
-    longer has), and its mean KL divergence (nats per image) from the float model's outputs, whose
+    longer has), and its mean KL divergence on ``batches`` (nats per image) from the float model's outputs, whose
     log-probabilities ``reference`` holds (filled on the first call)."""
     if not reference:
         reference.extend(F.log_softmax(model(x), dim=1).double() for x in batches)
@@ -330,7 +337,7 @@ def _score(method: "CP", model: nn.Module, name: str, conv: nn.Conv2d, rank: int
     shell = copy.deepcopy(model)
     set_submodule(shell, name, module)
     with recalibrating_bn(shell):
-        run_passes(shell, [(x,) for x in batches])
+        run_passes(shell, bn_batches)
     total = sum(F.kl_div(F.log_softmax(shell(x), dim=1).double(), ref, log_target=True, reduction="sum").item()
                 for x, ref in zip(batches, reference))
     kl = total / sum(len(x) for x in batches)

@@ -98,16 +98,23 @@ def check_number(key: str, value: Any, low: float | None = None, high: float | N
     """Raise ``ConfigError`` unless ``value`` is a finite number within the bounds."""
     if value is None and nullable:
         return
+    if not _in_bounds(value, low, high, low_open):
+        raise ConfigError(f"{key}={value!r} is invalid: accepted a finite number{_bounds_text(low, high, low_open)}"
+                          + (" or null" if nullable else ""))
+
+
+def _in_bounds(value: Any, low: float | None, high: float | None, low_open: bool) -> bool:
     ok = _is_number(value) and math.isfinite(value)
     if ok and low is not None:
         ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value <= high
-    if not ok:
-        bounds = [f"{'>' if low_open else '>='} {low:g}"] if low is not None else []
-        bounds += [f"<= {high:g}"] if high is not None else []
-        accepted = "a finite number" + (f" {' and '.join(bounds)}" if bounds else "")
-        raise ConfigError(f"{key}={value!r} is invalid: accepted {accepted}" + (" or null" if nullable else ""))
+    return ok and (high is None or value <= high)
+
+
+def _bounds_text(low: float | None, high: float | None, low_open: bool) -> str:
+    """`` > 1 and <= 100`` (empty without bounds)."""
+    bounds = [f"{'>' if low_open else '>='} {low:g}"] if low is not None else []
+    bounds += [f"<= {high:g}"] if high is not None else []
+    return f" {' and '.join(bounds)}" if bounds else ""
 
 
 def check_bool(key: str, value: Any) -> None:
@@ -127,7 +134,7 @@ def option(default: Any = dataclasses.MISSING, *, choices: Sequence[Any] = (), l
     """A dataclass field that declares what it accepts, checked by :func:`check_options`.
 
     The field's annotation gives the kind: ``bool``, ``int``, ``float``, ``str``, ``list[str]``,
-    optionally ``| None`` (null accepted).
+    ``list[float]`` (non-empty, each number within the bounds), optionally ``| None`` (null accepted).
 
     Parameters
     ----------
@@ -183,9 +190,18 @@ def check_options(options: Any, prefix: str = "") -> None:
             check_int(key, value, low, high, nullable)
         elif kind is float:
             check_number(key, value, low, high, low_open=spec["low_open"], nullable=nullable)
-        elif kind is list and not (isinstance(value, Sequence) and not isinstance(value, str)
-                                   and all(isinstance(v, str) for v in value)):
-            raise ConfigError(f"{key}={value!r} is invalid: accepted a list of strings")
+        elif kind is list:
+            _check_list(key, value, typing.get_args(hints[f.name])[0], low, high, spec["low_open"])
+
+
+def _check_list(key: str, value: Any, item: type, low: float | None, high: float | None, low_open: bool) -> None:
+    """A ``list[str]`` (any length) or a non-empty ``list[float]`` of numbers within the bounds."""
+    listed = isinstance(value, Sequence) and not isinstance(value, str)
+    if item is str and not (listed and all(isinstance(v, str) for v in value)):
+        raise ConfigError(f"{key}={value!r} is invalid: accepted a list of strings")
+    if item is float and not (listed and value and all(_in_bounds(v, low, high, low_open) for v in value)):
+        raise ConfigError(f"{key}={value!r} is invalid: accepted a non-empty list of numbers"
+                          f"{_bounds_text(low, high, low_open)}")
 
 
 def _kind(hint: Any) -> tuple[type, bool]:

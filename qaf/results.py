@@ -35,12 +35,20 @@ class MethodInfo:
         row (32/32 bits, drawn as a line, never a series of its own).
     order : int
         Where its rows sit in tables, lower first (then by name).
+    variant : str
+        What, besides ``method.*`` options, makes the run another variant of the method (its own
+        rows and plot series), e.g. ``ranks=budget``; empty for none.
+    rate : float or None
+        The rate its rows show when its layers' ranks do not all follow ``rate`` (per-layer ranks
+        under a budget: the parameter reduction of all factorized layers together); None: ``rate``.
     """
 
     display: str
     uses_rate: bool = False
     reference: bool = False
     order: int = 100
+    variant: str = ""
+    rate: float | None = None
 
     @property
     def unused_settings(self) -> tuple[str, ...]:

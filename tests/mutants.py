@@ -41,7 +41,7 @@ MUTANTS = (
            "return self.macs * self.w_bits * self.a_bits", "return self.macs * (self.w_bits + 1) * self.a_bits",
            ("tests/test_bops.py",)),
     Mutant("EPC skipped (ALS start used instead)", "qaf/methods/cp.py",
-           'if kind == "als":', 'if kind in ("als", "epc"):',
+           'if "epc" not in keys:', 'if True:',
            ("tests/test_cp_methods.py", "tests/test_decomp.py")),
     Mutant("ADMM dual update dropped", "qaf/decomp/admm.py",
            "u = u + gap", "u = u",

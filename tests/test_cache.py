@@ -20,6 +20,7 @@ import qaf.data.imagenet
 from qaf import lit
 from qaf.cache import FactorCache, tensor_digest
 from qaf.decomp import admm, cp, epc, qswd
+from qaf.methods import ranks
 from qaf.quant import clip, uniform
 
 KEY = {"weight": "abc", "method": "admm", "rank": 3, "bits": 4, "seed": 0}
@@ -31,7 +32,8 @@ VERSIONED = {"qaf.decomp.cp": (cp, "VERSION"), "qaf.decomp.epc": (epc, "VERSION"
              "qaf.quant.uniform": (uniform, "VERSION"), "qaf.quant.clip": (clip, "uniform.VERSION"),
              "qaf.lit": (lit, "EVAL_VERSION"), "qaf.data": (qaf.data, "lit.EVAL_VERSION"),
              "qaf.data.cifar10": (qaf.data.cifar10, "lit.EVAL_VERSION"),
-             "qaf.data.imagenet": (qaf.data.imagenet, "lit.EVAL_VERSION")}
+             "qaf.data.imagenet": (qaf.data.imagenet, "lit.EVAL_VERSION"),
+             "qaf.methods.ranks": (ranks, "VERSION")}
 
 
 def code_digest(module) -> str:

@@ -673,6 +673,37 @@ def test_plot_labels_of_crowded_points_do_not_overlap() -> None:
     plt.close(fig)
 
 
+def budget_job(job_dir: Path, c1: np.ndarray, target: float, rates: list[float]) -> Path:
+    """A finished ADMM-EPC job with ranks=budget: its layers' rates and its allocation summary."""
+    result = metrics_of(c1, "admm_epc", bops_pct=target - 0.01)
+    result["method_info"].update(variant="ranks=budget", rate=2.5)
+    result["layers"] = [{"name": f"layer{i}.conv1", "rank": 10 + i, "rate": rate} for i, rate in enumerate(rates)]
+    result["method_summary"] = {"ranks": {"target": {"bops_pct": target}, "unit": "%BOPs"}}
+    return make_job(job_dir, ["method=admm_epc", "ranks=budget", f"ranks.bops_pct={target}"], result,
+                    predictions=c1)
+
+
+def test_budget_rows_are_their_own_series_and_the_page_shows_the_allocation(tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    run_job(root / "u", "admm_epc", correct(0.85), ["method=admm_epc", "rate=3"], rate=3.0)
+    report = build_report([root], root)
+    assert "ranks.png" not in report.files and not (root / "ranks.png").exists()
+    budget_job(root / "b1", correct(0.87, seed=1), 1.2, [2.0, 4.0, 3.0])
+    budget_job(root / "b2", correct(0.89, seed=2), 1.7, [1.5, 2.0, 2.5])
+    report = build_report([root], root)
+    rows = md_rows(report.markdown)
+    assert rows["ADMM-EPC"]["rate"] == "3" and rows["ADMM-EPC (ranks=budget)"]["rate"] == "2.5"
+    width, height = png_size(report.files["ranks.png"])
+    assert width > height
+    page = report.files["index.html"].read_text()
+    assert page.count("data:image/png;base64") == 2 and "Per-layer ranks under a budget" in page
+    from qaf.report.plot import allocations
+
+    (panel, series), = allocations(report.jobs).items()
+    assert panel == "resnet20_cifar: ADMM-EPC"
+    assert series == [("≤ 1.7 %BOPs (w4a8)", [("layer0.conv1", 1.5), ("layer1.conv1", 2.0), ("layer2.conv1", 2.5)]),
+                      ("≤ 1.2 %BOPs (w4a8)", [("layer0.conv1", 2.0), ("layer1.conv1", 4.0), ("layer2.conv1", 3.0)])]
+
 # ----------------------------------------------------------------------------------------- CLI
 
 def test_cli_latest_and_out(tmp_path: Path, sweep: Path, capsys: pytest.CaptureFixture) -> None:

@@ -189,28 +189,48 @@ class DecompositionMethod(Method):
     def compress(self, model: nn.Module, ctx: CompressContext) -> list[dict]:
         """Replace the selected convs in place, then quantize every layer the policy asks for."""
         model.to(ctx.device)
-        plan = dict(layer_plan(model, ctx.policy, self.bits, self.act_bits))
         layers = self.select_layers(model, ctx.policy)
         cache = ctx.cache if ctx.cache is not None else FactorCache("", enabled=False)
-        reports, grids = [], {}
+        reports, replacements = [], {}
         for idx, (name, conv) in enumerate(layers):
             start = time.perf_counter()
             module, sub_grids, report = self.decompose(name, conv, ctx, cache)
             report["seconds"] = round(time.perf_counter() - start, 3)
+            replacements[name] = (module, sub_grids)
+            reports.append(report)
+            shown = " ".join(f"{k}={report[k]:.4g}" if isinstance(report[k], float) else f"{k}={report[k]}"
+                             for k in self.log_fields)
+            ctx.log("[%d/%d] %s %s: %.1f s%s", idx + 1, len(layers), name, shown, report["seconds"],
+                    " (cached)" if report["cached"] else "")
+        self.assemble(model, ctx.policy, replacements)
+        return reports
+
+    def assemble(self, model: nn.Module, policy: LayerPolicy,
+                 replacements: dict[str, tuple[nn.Module, dict[str, Grid | None]]]) -> None:
+        """Put each replacement (module, its sub-layers' grids) in place of its conv and quantize every
+        layer as the policy says: the model :meth:`compress` returns, and any model costed like it.
+
+        Parameters
+        ----------
+        model : nn.Module
+            The float model, changed in place.
+        policy : LayerPolicy
+            The run's layer policy.
+        replacements : dict
+            Conv name -> (the module replacing it, its sub-layers quantized at ``bits``/``act_bits``
+            with their grids, None: fitted by the weight scheme), as :meth:`decompose` returns them.
+        """
+        plan = dict(layer_plan(model, policy, self.bits, self.act_bits))
+        grids = {}
+        for name, (module, sub_grids) in replacements.items():
             set_submodule(model, name, module)
             del plan[name]
             for sub, grid in sub_grids.items():
                 plan[f"{name}.{sub}"] = (self.bits, self.act_bits)
                 if grid is not None:
                     grids[f"{name}.{sub}"] = grid
-            reports.append(report)
-            shown = " ".join(f"{k}={report[k]:.4g}" if isinstance(report[k], float) else f"{k}={report[k]}"
-                             for k in self.log_fields)
-            ctx.log("[%d/%d] %s %s: %.1f s%s", idx + 1, len(layers), name, shown, report["seconds"],
-                    " (cached)" if report["cached"] else "")
         weight_scheme, act_scheme = self.schemes()
         quantize_model(model, plan, weight_scheme=weight_scheme, act_scheme=act_scheme, weight_grids=grids)
-        return reports
 
 
 def decomposable_convs(model: nn.Module, policy: LayerPolicy, include: list[str],

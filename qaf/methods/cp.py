@@ -35,6 +35,7 @@ from qaf.decomp import epc as epc_module
 from qaf.decomp.cp import cp_als, cp_rank, init_factors, max_rate, relative_error, weight_to_tensor
 from qaf.decomp.epc import cp_epc
 from qaf.decomp.layers import CPConv2d
+from qaf.methods import ranks as ranks_module
 from qaf.methods.base import CompressContext, DecompositionMethod, DecompositionOptions
 from qaf.quant.uniform import VERSION as QUANT_VERSION
 from qaf.quant.uniform import Grid, make_grid
@@ -69,6 +70,8 @@ class CPOptions(DecompositionOptions):
     # Not in conf/cp_solver/default.yaml, so the config hashes of existing runs stay: a check, not
     # a setting of the computation (``+method.min_rank=1`` allows rank-1 layers).
     min_rank: int = option(2, low=1, high=10**7)
+    # The `ranks` group's node (conf/ranks/budget.yaml puts it here); checked by BudgetOptions.from_config.
+    ranks: dict | None = None
 
 
 class CP(DecompositionMethod):
@@ -105,6 +108,9 @@ class CP(DecompositionMethod):
     min_rank : int
         The smallest rank ``rate`` may give a selected conv (2: a rank-1 layer, a rate too large
         by mistake, is refused; ``+method.min_rank=1`` allows it).
+    ranks : dict or None
+        The ``ranks`` group (``ranks=budget``: per-layer ranks under a %BOPs or size target,
+        :mod:`qaf.methods.ranks`); None (``ranks=uniform``): every rank from ``rate``.
 
     Attributes
     ----------
@@ -126,6 +132,9 @@ class CP(DecompositionMethod):
                     "tol": self.epc_tol}
         self.admm = {"outer": self.admm_outer, "inner": self.admm_inner, "tol_inner": self.admm_tol_inner,
                      "tol_outer": self.admm_tol_outer, "patience": self.admm_patience}
+        self.budget = None if self.ranks is None else ranks_module.BudgetOptions.from_config(self.ranks)
+        self.layer_ranks: dict[str, int] | None = None  # chosen by the allocation; None: from `rate`
+        self.effective_rate: float | None = None
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -134,14 +143,19 @@ class CP(DecompositionMethod):
 
     @property
     def info(self) -> MethodInfo:  # type: ignore[override]
-        """``CPD→PTQ``, ``CPD-EPC→PTQ``, ``ADMM``, ``ADMM-EPC``; the rate applies."""
+        """``CPD→PTQ``, ``CPD-EPC→PTQ``, ``ADMM``, ``ADMM-EPC``; the rate applies. Under ``ranks=budget``
+        the variant ``ranks=budget`` and, once compressed, the rate of all factorized layers together."""
         epc, admm = self.init == "epc", self.solver == "admm"
         display = ("ADMM" if admm else "CPD") + ("-EPC" if epc else "") + ("" if admm else "→PTQ")
-        return MethodInfo(display=display, uses_rate=True, order=40 + 20 * admm + 10 * epc)
+        variant = "" if self.budget is None else "ranks=budget"
+        return MethodInfo(display=display, uses_rate=True, order=40 + 20 * admm + 10 * epc, variant=variant,
+                          rate=self.effective_rate)
 
     def check_layers(self, layers: list[tuple[str, nn.Conv2d]]) -> None:
         """Every selected conv gets a rank >= ``min_rank`` at ``rate``; raise one ``ConfigError``
         naming the first layer that would not, and the rates accepted."""
+        if self.budget is not None:  # the allocation picks every rank
+            return
         # cp_rank = floor(max_rate / rate) >= min_rank  <=>  rate <= max_rate / min_rank
         limit = min(max_rate(weight_to_tensor(conv.weight).shape) for _, conv in layers) / self.min_rank
         for name, conv in layers:
@@ -162,26 +176,50 @@ class CP(DecompositionMethod):
         """Per-tensor grid of ``bits`` bits fitted to ``x`` with the method's clip rule."""
         return make_grid(x, self.bits, symmetric=self.symmetric, clip=self.clip, p=self.p)
 
+    def rank_of(self, name: str, conv: nn.Conv2d) -> int:
+        """The rank of a selected conv: from ``rate``, or what the ``ranks`` allocation chose for it."""
+        if self.layer_ranks is not None:
+            return self.layer_ranks[name]
+        return cp_rank(weight_to_tensor(conv.weight).shape, self.rate)
+
     def decompose(self, name: str, conv: nn.Conv2d, ctx: CompressContext,
                   cache: FactorCache) -> tuple[nn.Module, dict[str, Grid | None], dict]:
-        """The :class:`CPConv2d` of one conv with quantized factors, its sub-convs' grids, its report."""
+        """The :class:`CPConv2d` of one conv with quantized factors at its rank (:meth:`rank_of`)."""
+        return self.factorize(name, conv, self.rank_of(name, conv), ctx, cache)
+
+    def compress(self, model: nn.Module, ctx: CompressContext) -> list[dict]:
+        """Choose the ranks (``ranks=budget``: :func:`qaf.methods.ranks.allocate_ranks`), then factorize."""
+        if self.budget is not None:
+            model.to(ctx.device)
+            self.layer_ranks, self.summary["ranks"] = ranks_module.allocate_ranks(self, model, ctx, self.budget)
+        reports = super().compress(model, ctx)
+        if self.budget is not None:
+            self.effective_rate = ranks_module.effective_rate(reports)
+        return reports
+
+    def check(self, model: nn.Module, ctx: CompressContext) -> None:
+        """The selection and ranks (:meth:`check_layers`); under ``ranks=budget``, a target some allocation
+        reaches and enough calibration images (:func:`qaf.methods.ranks.check_budget`)."""
+        super().check(model, ctx)
+        if self.budget is not None:
+            ranks_module.check_budget(self, model, ctx, self.budget)
+
+    def factorize(self, name: str, conv: nn.Conv2d, rank: int, ctx: CompressContext,
+                  cache: FactorCache) -> tuple[nn.Module, dict[str, Grid | None], dict]:
+        """The :class:`CPConv2d` of one conv with quantized factors of rank ``rank``, its sub-convs' grids,
+        its report."""
         dt = _DTYPES[self.dtype]
         tensor = weight_to_tensor(conv.weight.detach()).to(ctx.device, dt)
-        rank = cp_rank(tensor.shape, self.rate)
-        base = {"weight": tensor_digest(conv.weight), "shape": list(tensor.shape), "rank": rank,
-                "dtype": self.dtype, "device": ctx.device.type, "seed": ctx.seed}
+        keys = self.stage_keys(conv, rank, ctx)
         hits: list[bool] = []
         seconds = {"seconds_als": 0.0, "seconds_epc": 0.0, "seconds_admm": 0.0}  # 0 when cached or not run
-        start_key, start = self._start(tensor, rank, base, cache, ctx.seed, hits, seconds)
+        start = self._start(tensor, rank, keys, cache, ctx.seed, hits, seconds)
         e_float = relative_error(tensor, start)
         iterations = 0
         if self.solver == "quantize":
             grids = [self.grid_factory(f) for f in start]
             factors = [g(f) for g, f in zip(grids, start)]
         else:
-            key = {**start_key, "stage": "admm", "version": admm_module.VERSION, "grids": QUANT_VERSION, "bits": self.bits,
-                   "symmetric": self.symmetric, "clip": self.clip, "p": self.p, "admm": self.admm}
-
             def run_admm() -> tuple[dict[str, Tensor], dict[str, Any]]:
                 res = admm_module.cp_admm(tensor, start, self.grid_factory, max_outer=self.admm["outer"],
                                           max_inner=self.admm["inner"], tol_inner=self.admm["tol_inner"],
@@ -190,7 +228,7 @@ class CP(DecompositionMethod):
                     "iterations": res.iterations, "diverged": res.diverged, "inner_iterations": res.inner_iterations,
                     "qrange": [[g.qmin, g.qmax] for g in res.grids]}
 
-            stored, meta, hit = cache.get_or_compute(key, _timed(run_admm, seconds, "seconds_admm"),
+            stored, meta, hit = cache.get_or_compute(keys["admm"], _timed(run_admm, seconds, "seconds_admm"),
                                                      schema=_admm_schema(len(start)))
             hits.append(hit)
             factors = _as_list(stored, ctx.device, dt)
@@ -198,32 +236,61 @@ class CP(DecompositionMethod):
                      for n, qr in enumerate(meta["qrange"])]
             iterations = int(meta["iterations"])
         e_quant = relative_error(tensor, factors)
-        report = {"name": name, "shape": list(conv.weight.shape), "rank": rank, "bits": self.bits,
+        report = {"name": name, "shape": list(conv.weight.shape), "rank": rank,
+                  "rate": ranks_module.factor_rate(conv.weight.shape, rank), "bits": self.bits,
                   "method": self.name, "init": self.init, "iterations": iterations,
                   "e_float": round(e_float, 6), "e_quant": round(e_quant, 6), "cached": all(hits), **seconds}
+        return (*self._cp_layer(conv, factors, grids), report)
+
+    def shell(self, conv: nn.Conv2d, rank: int) -> tuple[nn.Module, dict[str, Grid | None]]:
+        """A :class:`CPConv2d` of rank ``rank`` built as :meth:`factorize` builds it, its factors and grids
+        placeholders (grids fitted to evenly spaced values): what it costs and stores is what the
+        solved layer costs and stores."""
+        kh, kw = conv.kernel_size
+        factors = [torch.linspace(-1, 1, n * rank, device=conv.weight.device).reshape(n, rank)
+                   for n in (conv.out_channels, conv.in_channels, kh * kw)]
+        return self._cp_layer(conv, factors, [self.grid_factory(f) for f in factors])
+
+    @staticmethod
+    def _cp_layer(conv: nn.Conv2d, factors: list[Tensor], grids: list[Grid]) -> tuple[nn.Module, dict[str, Grid]]:
         wdt = conv.weight.dtype
         a, b, c = (Grid(g.scale.to(wdt), g.zero_point.to(wdt), g.qmin, g.qmax) for g in grids)
         # pointwise_in holds factor B, depthwise C, pointwise_out A
-        sub_grids = {"pointwise_in": b, "depthwise": c, "pointwise_out": a}
-        return CPConv2d(conv, [f.to(wdt) for f in factors]), sub_grids, report
+        return CPConv2d(conv, [f.to(wdt) for f in factors]), {"pointwise_in": b, "depthwise": c, "pointwise_out": a}
+
+    def stage_keys(self, conv: nn.Conv2d, rank: int, ctx: CompressContext) -> dict[str, dict]:
+        """The cache keys of each stage of one conv's factorization at ``rank``, start first: ``init``
+        (SVD, random) or ``als`` [and ``epc``], then ``admm`` or ``quantize`` (the quantized factors,
+        not cached themselves: the key names them for results computed from them)."""
+        shape = list(weight_to_tensor(conv.weight).shape)
+        base = {"weight": tensor_digest(conv.weight), "shape": shape, "rank": rank,
+                "dtype": self.dtype, "device": ctx.device.type, "seed": ctx.seed}
+        if self.init in ("svd", "random"):
+            keys = {"init": {**base, "stage": "init", "init": self.init, "version": cp_module.VERSION}}
+        else:
+            keys = {"als": {**base, "stage": "als", "version": cp_module.VERSION, "als": self.als}}
+            if self.init == "epc":
+                keys["epc"] = {**keys["als"], "stage": "epc", "epc_version": epc_module.VERSION,
+                               "epc": {**self.epc, "sweeps": self.epc_sweeps(rank)}}
+        start = list(keys.values())[-1]
+        grid = {"grids": QUANT_VERSION, "bits": self.bits, "symmetric": self.symmetric, "clip": self.clip, "p": self.p}
+        if self.solver == "admm":
+            keys["admm"] = {**start, "stage": "admm", "version": admm_module.VERSION, **grid, "admm": self.admm}
+        else:
+            keys["quantize"] = {**start, "stage": "quantize", **grid}
+        return keys
 
     def epc_sweeps(self, rank: int) -> int:
         """EPC sweeps of a rank-``rank`` layer: ``clamp(epc_work / R^3, epc_min_iters, epc_iters)``."""
         return int(min(self.epc["iters"], max(self.epc["min_iters"], self.epc["work"] / rank**3)))
 
-    def _start(self, tensor: Tensor, rank: int, base: dict, cache: FactorCache, seed: int,
-               hits: list[bool], seconds: dict[str, float]) -> tuple[dict, list[Tensor]]:
-        """Float starting factors (an init, ALS or EPC), cached; returns (key, factors).
-
-        The seconds of each stage computed here (not served by the cache) go into ``seconds``.
-        """
+    def _start(self, tensor: Tensor, rank: int, keys: dict[str, dict], cache: FactorCache, seed: int,
+               hits: list[bool], seconds: dict[str, float]) -> list[Tensor]:
+        """Float starting factors (an init, ALS or EPC), cached under ``keys``; the seconds of each
+        stage computed here (not served by the cache) go into ``seconds``."""
         dev, dt = tensor.device, tensor.dtype
-        kind = self.init
-        if kind in ("svd", "random"):
-            gen = torch.Generator().manual_seed(seed)
-            return {**base, "stage": "init", "init": kind, "version": cp_module.VERSION}, \
-                init_factors(tensor, rank, kind, gen)
-        als_key = {**base, "stage": "als", "version": cp_module.VERSION, "als": self.als}
+        if "init" in keys:
+            return init_factors(tensor, rank, self.init, torch.Generator().manual_seed(seed))
         schema = _factor_schema(tensor.dim())
 
         def run_als() -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -231,21 +298,20 @@ class CP(DecompositionMethod):
                          generator=torch.Generator().manual_seed(seed))
             return _as_dict(res.factors), {"iterations": res.iterations, "error": res.error}
 
-        stored, _, hit = cache.get_or_compute(als_key, _timed(run_als, seconds, "seconds_als"), schema=schema)
+        stored, _, hit = cache.get_or_compute(keys["als"], _timed(run_als, seconds, "seconds_als"), schema=schema)
         hits.append(hit)
         als = _as_list(stored, dev, dt)
-        if kind == "als":
-            return als_key, als
-        sweeps = self.epc_sweeps(rank)
-        epc_key = {**als_key, "stage": "epc", "epc_version": epc_module.VERSION, "epc": {**self.epc, "sweeps": sweeps}}
+        if "epc" not in keys:
+            return als
+        sweeps = keys["epc"]["epc"]["sweeps"]
 
         def run_epc() -> tuple[dict[str, Tensor], dict[str, Any]]:
             res = cp_epc(tensor, als, n_iter=sweeps, tol=self.epc["tol"])
             return _as_dict(res.factors), {"iterations": res.iterations, "error": res.error}
 
-        stored, _, hit = cache.get_or_compute(epc_key, _timed(run_epc, seconds, "seconds_epc"), schema=schema)
+        stored, _, hit = cache.get_or_compute(keys["epc"], _timed(run_epc, seconds, "seconds_epc"), schema=schema)
         hits.append(hit)
-        return epc_key, _as_list(stored, dev, dt)
+        return _as_list(stored, dev, dt)
 
 
 def _timed(compute: Callable[[], _Entry], seconds: dict[str, float], stage: str) -> Callable[[], _Entry]:

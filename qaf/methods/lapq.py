@@ -372,25 +372,27 @@ def trace_inputs(model: nn.Module, names: list[str], x: Tensor,
             h.remove()
 
 
-def calibration_batches(data, samples: int, batch_size: int, device: torch.device) -> list[tuple[Tensor, Tensor]]:
+def calibration_batches(data, samples: int, batch_size: int, device: torch.device,
+                        transform: str | None = None) -> list[tuple[Tensor, Tensor]]:
     """The first ``samples`` calibration images and labels, batched and moved to ``device``.
 
     Parameters
     ----------
     data : DataBundle
-        Source of the calibration set (``data.calib()``, its calibration transform; evaluation
-        images are never touched).
+        Source of the calibration set (``data.calib()``; evaluation images are never touched).
     samples, batch_size : int
         How many images, and how many per batch.
     device : torch.device
         Where the batches are kept for the whole search.
+    transform : str or None
+        ``train`` or ``eval``; None: the calibration transform.
 
     Returns
     -------
     list of (Tensor, Tensor)
         Image and label batches.
     """
-    calib = data.calib(samples=samples)
+    calib = data.calib(transform, samples=samples)
     count = len(calib)
     items = [calib[i] for i in range(count)]
     images = torch.stack([torch.as_tensor(x) for x, _ in items]).to(device)

@@ -1,5 +1,6 @@
 """Sweep reports: read every job of one or more sweeps and write ``results.csv``, ``table.md``,
-``table.tex``, ``pareto.png``, ``frontier.md`` and ``index.html`` (``python -m qaf.report DIR``).
+``table.tex``, ``pareto.png``, ``frontier.md`` and ``index.html`` (``python -m qaf.report DIR``),
+and ``ranks.png`` when jobs chose their CP ranks per layer under a budget.
 
 - :mod:`qaf.report.collect`: job folders and their statuses, the jobs each launch expected;
 - :mod:`qaf.report.tables`: rows (intervals, paired tests, protocol), csv, Markdown, LaTeX;
@@ -18,7 +19,7 @@ from typing import Sequence
 from qaf.report.collect import OK, Job, collect
 from qaf.report.html import Page, render_html
 from qaf.report.pareto import count_methods, mark_rows, render_frontier_markdown
-from qaf.report.plot import plot_pareto
+from qaf.report.plot import plot_allocation, plot_pareto
 from qaf.report.tables import (BOPS_FIELDS, Row, aggregate, bops_note, job_key, read_paper_csv, render_latex,
                                render_markdown, render_results_csv)
 
@@ -45,7 +46,7 @@ class Report:
     bops : str
         The %BOPs convention of the table and plot (``qaf`` or ``paper``).
     files : dict[str, Path]
-        :data:`REPORT_FILES` by name.
+        :data:`REPORT_FILES` by name, and ``ranks.png`` when written.
     markdown : str
         The Markdown table (also printed by the command line).
     frontier : str
@@ -173,5 +174,9 @@ def build_report(sweeps: Sequence[Path], out_dir: Path, paper_csv: Path | None =
     _atomic_write(files["table.tex"], render_latex(rows, title, note))
     _atomic_write(files["frontier.md"], frontier)
     plot_pareto(rows, files["pareto.png"], title)
-    _atomic_write(files["index.html"], render_html(Page(rows, jobs, title, out_dir, sweeps, files["pareto.png"], note)))
+    allocation = plot_allocation(jobs, out_dir / "ranks.png", title)
+    if allocation is not None:
+        files["ranks.png"] = allocation
+    _atomic_write(files["index.html"], render_html(Page(rows, jobs, title, out_dir, sweeps, files["pareto.png"], note,
+                                                        allocation)))
     return Report(out_dir, jobs, rows, paper_csv, convention, files, markdown, frontier)

@@ -8,7 +8,8 @@ returning its HTML lines, so a new view is one more function:
 - the layer policies the rows use, role by role (from the policy each job recorded);
 - the table and its notes, each row linking to its job folders, ``metrics.json`` and ``run.log``
   (relative links: the page works opened from disk, wherever the folder is moved);
-- the plot; the matched-cost tables when two or more methods are reported; every job without results.
+- the plot; the matched-cost tables when two or more methods are reported; the per-layer rates of
+  jobs that chose their CP ranks under a budget; every job without results.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ class Page:
         ``pareto.png`` to embed, if written.
     bops_text : str
         The %BOPs sentence (:func:`qaf.report.tables.bops_note`).
+    ranks_png : Path | None
+        ``ranks.png`` (per-layer rates of the jobs that chose their ranks under a budget), if written.
     """
 
     rows: Sequence[Row]
@@ -81,6 +84,7 @@ class Page:
     sweeps: Sequence[Path] = ()
     plot_png: Path | None = None
     bops_text: str = BOPS_NOTES["qaf"]
+    ranks_png: Path | None = None
 
     @property
     def finished(self) -> list[tuple[Job, Metrics]]:
@@ -204,12 +208,24 @@ def results(page: Page) -> list[str]:
     return parts + [f"<p>{len(page.finished)} of {len(page.jobs)} jobs finished.</p>"]
 
 
+def _image(png: Path | None, alt: str) -> list[str]:
+    """The PNG embedded as data (nothing when it was not written)."""
+    if png is None or not Path(png).is_file():
+        return []
+    data = base64.b64encode(Path(png).read_bytes()).decode("ascii")
+    return [f"<img alt='{esc(alt)}' src='data:image/png;base64,{data}'>"]
+
+
 def plot(page: Page) -> list[str]:
     """``pareto.png``, inline."""
-    if page.plot_png is None or not Path(page.plot_png).is_file():
+    return _image(page.plot_png, "top-1 against %BOPs and model size")
+
+
+def allocation(page: Page) -> list[str]:
+    """``ranks.png``: each layer's rate in the jobs that chose their ranks under a budget."""
+    if page.ranks_png is None:
         return []
-    data = base64.b64encode(Path(page.plot_png).read_bytes()).decode("ascii")
-    return [f"<img alt='top-1 against %BOPs and model size' src='data:image/png;base64,{data}'>"]
+    return ["<h2>Per-layer ranks under a budget</h2>", *_image(page.ranks_png, "each layer's rate under each budget")]
 
 
 def matched_costs(page: Page) -> list[str]:
@@ -236,7 +252,8 @@ def problems(page: Page) -> list[str]:
 
 
 #: The page's sections, in order.
-SECTIONS: tuple[Callable[[Page], list[str]], ...] = (what_ran, policies, results, plot, matched_costs, problems)
+SECTIONS: tuple[Callable[[Page], list[str]], ...] = (what_ran, policies, results, plot, matched_costs, allocation,
+                                                         problems)
 
 
 def render_html(page: Page) -> str:

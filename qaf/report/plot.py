@@ -4,7 +4,8 @@ and top-1 against model size (log scale). One series per method (see
 its 95 % interval (one seed) or standard deviation (seeds); the float model as a horizontal line;
 the paper's points (when known) hollow; the overall Pareto frontier of our points as a step line.
 Labels never overlap: one that would is moved to the nearest free place and joined to its point
-by a leader line (:func:`spread_labels`)."""
+by a leader line (:func:`spread_labels`).
+And ``ranks.png`` when jobs chose their CP ranks per layer under a budget: each layer's rate."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from matplotlib.text import Annotation, Text  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 from matplotlib.transforms import Bbox  # noqa: E402
 
+from qaf.report.collect import Job  # noqa: E402
 from qaf.report.pareto import pareto_front, series_names  # noqa: E402
 from qaf.report.tables import Row  # noqa: E402
 
@@ -99,8 +101,10 @@ def plot_pareto(rows: Sequence[Row], path: Path, title: str) -> Path:
     Path
         ``path``.
     """
-    fig = pareto_figure(rows, title)
-    path = Path(path)
+    return _save(pareto_figure(rows, title), Path(path))
+
+
+def _save(fig: Figure, path: Path) -> Path:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # readers never see half a PNG
     fig.savefig(tmp, dpi=DPI, format="png")
     plt.close(fig)
@@ -245,3 +249,59 @@ def _draw_float(ax: plt.Axes, rows: Sequence[Row]) -> None:
             ax.axhline(r.top1, color="black", linestyle=":", label=f"Float {r.top1:.2f}")
         if r.is_float and r.paper_top1 is not None:
             ax.axhline(r.paper_top1, color="gray", linestyle=":", label=f"Float {r.paper_top1:.2f} (paper)")
+
+
+def allocations(jobs: Sequence[Job]) -> dict[str, list[tuple[str, list[tuple[str, float]]]]]:
+    """The per-layer allocations of the finished jobs that chose their ranks under a budget
+    (``ranks=budget``), by panel (model and method), each ``(label, [(layer, rate), ...])``, the
+    loosest budget first."""
+    found: dict[str, list[tuple[float, str, list[tuple[str, float]]]]] = defaultdict(list)
+    for job in jobs:
+        m = job.metrics
+        ranks = m.method_summary.get("ranks") if m is not None else None
+        if not ranks:
+            continue
+        (_, target), = ranks["target"].items()
+        label = f"≤ {target:g} {ranks['unit']} (w{m.bits}a{m.act_bits})"
+        found[f"{m.model}: {m.method_info.display}"].append(
+            (-target, label, [(layer["name"], layer["rate"]) for layer in m.layers]))
+    return {panel: [(label, layers) for _, label, layers in sorted(items)] for panel, items in sorted(found.items())}
+
+
+def plot_allocation(jobs: Sequence[Job], path: Path, title: str) -> Path | None:
+    """Write ``ranks.png``: per model and method, each layer's rate (bars) under each budget; None
+    (nothing written) when no job chose its ranks under a budget.
+
+    Parameters
+    ----------
+    jobs : Sequence[Job]
+        The sweep's jobs (:func:`qaf.report.collect.collect`).
+    path : Path
+        Output PNG file.
+    title : str
+        Figure title.
+
+    Returns
+    -------
+    Path or None
+        ``path``, or None.
+    """
+    panels = allocations(jobs)
+    if not panels:
+        return None
+    fig, axes = plt.subplots(len(panels), 1, figsize=(12.0, 3.2 * len(panels)), squeeze=False)
+    for ax, (panel, series) in zip(axes[:, 0], panels.items()):
+        names = list(dict.fromkeys(name for _, layers in series for name, _ in layers))
+        width = 0.8 / len(series)
+        for i, (label, layers) in enumerate(series):
+            rate = dict(layers)
+            xs = [j + (i - (len(series) - 1) / 2) * width for j, name in enumerate(names) if name in rate]
+            ax.bar(xs, [rate[name] for name in names if name in rate], width=width, label=label)
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize="x-small")
+        ax.set_ylabel("layer rate (weights / factors)")
+        ax.set_title(panel)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, Path(path))

@@ -207,11 +207,20 @@ def job_key(job: Job) -> Key:
         # another model, with its own row.
         changed = bool(m.protocol.get("bn_recalibration") or m.protocol.get("finetune"))
         return Key(m.model, m.data, m.method, 32, 32, None, m.eval_samples, protocol_of(m) if changed else ())
-    # Swept method options (method.clip=mse, ...) are different methods, not repeats to average.
-    variant = ",".join(sorted(o.split(".", 1)[1] for o in job.overrides if o.startswith("method.")))
+    # Swept method options (method.clip=mse, ...) and the variant the method declares (ranks=budget)
+    # are different methods, not repeats to average.
+    variant = ",".join(sorted([o.split(".", 1)[1] for o in job.overrides if o.startswith("method.")]
+                              + ([m.method_info.variant] if m.method_info.variant else [])))
     method = f"{m.method}[{variant}]" if variant else m.method
-    rate = m.rate if m.method_info.uses_rate else None
-    return Key(m.model, m.data, method, m.bits, m.act_bits, rate, m.eval_samples, protocol_of(m))
+    return Key(m.model, m.data, method, m.bits, m.act_bits, shown_rate(m), m.eval_samples, protocol_of(m))
+
+
+def shown_rate(m: Metrics) -> float | None:
+    """The rate a run's row shows: none when the method does not use it, else the method's own
+    (per-layer ranks: all factorized layers together) or the config's."""
+    if not m.method_info.uses_rate:
+        return None
+    return m.method_info.rate if m.method_info.rate is not None else m.rate
 
 
 def aggregate(jobs: Iterable[Job], paper: dict[tuple, dict] | None = None,
@@ -675,12 +684,13 @@ def result_record(job: Job) -> dict[str, Any]:
     proto, vs, deploy = m.get("protocol", {}), m.get("vs_fp32") or {}, m.get("deploy_vs_top1") or {}
     ci = interval_of(m.get("top1_ci95")) or ("", "")
     is_float = job.metrics is not None and job.metrics.method_info.reference
+    own_rate = job.metrics.method_info.rate if job.metrics is not None else None  # per-layer ranks' rate
     rec = {
         "sweep": str(job.sweep), "job": job.name, "status": job.status, "error": job.error or "",
         "stage": job.stage or "", "method": job.method,
         "model": m.get("model", job.choices.get("model", "")), "data": m.get("data", job.choices.get("data", "")),
         "w_bits": 32 if is_float else job.setting("bits"), "a_bits": 32 if is_float else job.setting("act_bits"),
-        "rate": job.setting("rate"), "seed": job.setting("seed"),
+        "rate": job.setting("rate") if own_rate is None else own_rate, "seed": job.setting("seed"),
         "bn_recalibration": proto.get("bn_recalibration", ""), "bn_transform": proto.get("bn_transform", ""),
         "calib_samples": proto.get("calib_samples", ""), "calib_transform": proto.get("calib_transform", ""),
         "top1_ci_low": ci[0], "top1_ci_high": ci[1], "vs_fp32_diff": vs.get("diff", ""),

@@ -124,7 +124,8 @@ def test_a_method_family_from_outside_qaf_runs_and_is_reported_as_it_declares(
     sweep = tmp_path / "multirun_outputs" / "toy"
     metrics = json.loads(next(sweep.glob("*rate=2*/metrics.json")).read_text())
     assert metrics["method"] == "toy_svd" and metrics["policy"] == "qaf"  # the reference policy it chose
-    assert metrics["method_info"] == {"display": "Toy SVD", "uses_rate": True, "reference": False, "order": 100}
+    assert metrics["method_info"] == {"display": "Toy SVD", "uses_rate": True, "reference": False, "order": 100,
+                                     "variant": "", "rate": None}
     assert [layer["name"] for layer in metrics["layers"]] == [f"layer3.{b}.conv{c}" for b in range(3) for c in (1, 2)]
     assert 0 < metrics["bops_pct"] < 100 and metrics["macs"] < metrics["fp32_macs"]
     rows = aggregate(collect_sweep(sweep))

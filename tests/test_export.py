@@ -42,13 +42,7 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: two threads on two shared, busy cores spin at every barrier (several x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(cache: Path, *overrides: str, eval_samples: int | None = EVAL):

@@ -37,13 +37,7 @@ def _rel_err(w: torch.Tensor, approx: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(w - approx) / torch.linalg.vector_norm(w))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These problems are small: one thread is faster and immune to contention on shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ from qaf.results import MethodInfo
 class SVDConv2d(LayerType):
     """A conv as a (rank x in x kh x kw) conv followed by a 1x1 conv."""
 
-    kind = "toy_svd_conv2d"
+    kind = "toy_plugin_svd_conv2d"  # its own kind: test_layer_types registers "toy_svd_conv2d"
     factorized = True
 
     def __init__(self, conv, rank):

@@ -372,9 +372,9 @@ def allocate(losses: Sequence[Sequence[float]], costs: Sequence[Sequence[int]], 
     cheapest_rest = np.cumsum([min(c) for c in costs][::-1])[::-1].tolist()[1:] + [0]
     front_cost, front_loss = np.zeros(1, dtype=np.int64), np.zeros(1)
     steps = []
-    for layer_losses, choice_costs, rest in zip(losses, costs, cheapest_rest):
-        k = len(choice_costs)
-        cost = (front_cost[:, None] + np.asarray(choice_costs, dtype=np.int64)[None, :]).ravel()
+    for layer_losses, layer_costs, rest in zip(losses, costs, cheapest_rest):
+        k = len(layer_costs)
+        cost = (front_cost[:, None] + np.asarray(layer_costs, dtype=np.int64)[None, :]).ravel()
         loss = (front_loss[:, None] + np.asarray(layer_losses, dtype=np.float64)[None, :]).ravel()
         parent, choice = np.divmod(np.arange(cost.size), k)
         fits = cost + rest <= capacity

@@ -23,7 +23,7 @@ sweep: install ## the QAF sweep: ADMM and ADMM-EPC at 4, 6 and 8 bits
 # Two workers (xdist), whole modules per worker so that module fixtures are built once.
 XDIST ?= -n 2 --dist loadscope
 
-test: install ## the fast test suite (about 3 minutes on 2 cores; slow tests deselected)
+test: install ## the fast test suite (about 5 minutes on 2 idle cores; slow tests deselected)
 	$(PYTHON) -m pytest -q $(XDIST)
 
 test-all: install ## every test, slow end-to-end ones included (what CI runs)

@@ -72,7 +72,7 @@ _pl_subprocess_script._hydra_subprocess_cmd = _job_subprocess_cmd
 
 #: Version of the evaluation's numerics (this module and qaf.data): part of the float-accuracy
 #: cache key; bump it with any change that can change an evaluation (tests/test_cache.py checks).
-EVAL_VERSION = 4  # 4: ImageNet decoded by torchvision.io, uint8 tensor transforms
+EVAL_VERSION = 5  # 4: ImageNet decoded by torchvision.io, uint8 tensor transforms; 5: CIFAR arrays read once per process
 
 #: Passes with at least this many batches show a progress bar (shorter ones print one line).
 PROGRESS_MIN_BATCHES = 50

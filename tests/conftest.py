@@ -1,5 +1,5 @@
 """Shared fixtures: the repo root, the shared data folder, composed configs, and the expensive
-things many tests need once per session (the float model's full-test-set results, a factor cache).
+things many tests need once per session (a factor cache).
 
 Under pytest-xdist (``make test``: two workers) each worker gets an equal share of the CPU threads,
 and so do the subprocesses tests start: two workers each spinning two OpenMP threads on two cores
@@ -62,16 +62,6 @@ def factor_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("factor_cache")
 
 
-@pytest.fixture(scope="session")
-def float_full_test_set():
-    """The packaged ResNet-20's per-image results on all 10,000 embedded test images (one pass)."""
-    from qaf import lit
-    from qaf.data.cifar10 import embedded
-    from qaf.models.cifar_resnet import build
-
-    return lit.evaluate(lit.make_trainer(accelerator="cpu"), build(20), embedded(seed=42).eval_loader())
-
-
 def run_cli(args: list[str], cwd: Path, timeout: float = 600):
     """Run ``python run.py ARGS`` from the repo root with outputs under ``cwd``."""
     import subprocess
@@ -83,22 +73,31 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 600):
 
 
 def run_main(args: list[str], cwd: Path, monkeypatch: pytest.MonkeyPatch,
-             capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+             capsys: pytest.CaptureFixture | None = None) -> tuple[int, str, str]:
     """``python run.py ARGS`` in this process (the same ``main``, Hydra and basic launcher, without
-    the interpreter's start-up): ``(exit status, stdout, stderr)``."""
+    the interpreter's start-up): ``(exit status, stdout, stderr)``. Without ``capsys`` (a module
+    fixture) the output is captured by redirecting ``sys.stdout`` and ``sys.stderr``."""
+    import contextlib
+    import io
     import runpy
     import sys
 
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", ["run.py", *args])
-    capsys.readouterr()
-    try:
-        runpy.run_path(str(ROOT / "run.py"), run_name="__main__")
-        status = 0
-    except SystemExit as exit_:
-        status = exit_.code if isinstance(exit_.code, int) else 1
-    out = capsys.readouterr()
-    return status, out.out, out.err
+    out, err = io.StringIO(), io.StringIO()
+    if capsys is not None:
+        capsys.readouterr()
+    with contextlib.redirect_stdout(out) if capsys is None else contextlib.nullcontext(), \
+            contextlib.redirect_stderr(err) if capsys is None else contextlib.nullcontext():
+        try:
+            runpy.run_path(str(ROOT / "run.py"), run_name="__main__")
+            status = 0
+        except SystemExit as exit_:
+            status = exit_.code if isinstance(exit_.code, int) else 1
+    if capsys is None:
+        return status, out.getvalue(), err.getvalue()
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
 
 
 def expected_overrides(sweep: Path) -> list[list[str]] | None:

@@ -11,7 +11,6 @@ import json
 import os
 import shlex
 import struct
-import subprocess
 import sys
 import time
 import urllib.parse
@@ -210,12 +209,17 @@ def test_screenshot_is_a_png_of_the_page(chromium: str, sweep: Path, tmp_path: P
     assert full.stat().st_size > 10_000  # a plot and text, not a blank page
 
 
-def test_cli_refreshes_report_and_writes_png(chromium: str, sweep: Path, tmp_path: Path) -> None:
+def test_cli_refreshes_report_and_writes_png(chromium: str, sweep: Path, tmp_path: Path, monkeypatch,
+                                            capsys) -> None:
+    import runpy
+
     out = tmp_path / "docs" / "dashboard.png"
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "screenshot_dashboard.py"),
-                           str(sweep), "--out", str(out), "--width", "800", "--height", "600"],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    script = REPO / "scripts" / "screenshot_dashboard.py"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [str(script), str(sweep), "--out", str(out), "--width", "800", "--height", "600"])
+    with pytest.raises(SystemExit) as exit_:  # `python scripts/screenshot_dashboard.py ...`, in this process
+        runpy.run_path(str(script), run_name="__main__")
+    assert exit_.value.code == 0, capsys.readouterr().err
     assert (sweep / "index.html").is_file()
     assert png_size(out) == (800, 600)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -66,18 +65,19 @@ def test_evaluate_records_per_image_top1_and_top5():
     assert (result.top1, result.top5) == (25.0, 75.0)
 
 
-def test_float_resnet20_keeps_its_accuracy_after_bn_reestimation_with_the_training_transform(float_full_test_set):
+def test_float_resnet20_keeps_its_accuracy_after_bn_reestimation_with_the_training_transform():
     # The packaged weights' BN statistics come from augmented training batches: re-estimating them
-    # the same way (default protocol) must not cost accuracy; on the evaluation transform it does.
+    # the same way (default protocol) must not cost accuracy; on the evaluation transform it costs
+    # 2.7 points on the full test set (docs/results.md). Paired, on 2,000 test images, statistics
+    # from 512 training images.
     from qaf.data.cifar10 import embedded
     from qaf.models.cifar_resnet import build
 
-    data = embedded(seed=42)
+    data = embedded(calib_samples=512, seed=42, eval_samples=2000)
     trainer = lit.make_trainer(accelerator="cpu")
     model = build(20)
-    before = float_full_test_set.top1
-    assert before == pytest.approx(91.73)
+    before = lit.evaluate(trainer, model, data.eval_loader()).top1
     with recalibrating_bn(model):
         lit.calibration_pass(trainer, model, data.bn_loader())
     after = lit.evaluate(trainer, model, data.eval_loader()).top1
-    assert abs(after - before) <= 0.2, (before, after)
+    assert abs(after - before) <= 0.5, (before, after)

@@ -7,14 +7,12 @@ runs a real tiny sweep (``method=fp32,ptq bits=4,1``: the bits=1 jobs are config
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
+from conftest import run_main
 from test_report import FP32, correct, make_job, md_rows, run_job
 
 from qaf.callbacks import SweepSummary
@@ -122,15 +120,14 @@ def test_reporting_problems_never_crash_the_sweep(tmp_path: Path, monkeypatch: p
     assert capsys.readouterr().err == ""
 
 
-def test_real_sweep_reports_and_exits_non_zero_on_a_bad_job(tmp_path: Path) -> None:
+def test_real_sweep_reports_and_exits_non_zero_on_a_bad_job(tmp_path: Path, monkeypatch, capsys) -> None:
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "run.py", "-m", "method=fp32,ptq", "bits=4,1", "data.eval_samples=64",
-           "data.calib_samples=64", "logger=csv", "progress=false", f"hydra.sweep.dir={sweep}",
-           f"cache.dir={tmp_path / 'cache'}"]
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0, proc.stderr[-3000:]
-    table = md_rows(proc.stdout)
+    status, stdout, stderr = run_main(["-m", "method=fp32,ptq", "bits=4,1", "data.eval_samples=64",
+                                       "data.calib_samples=64", "logger=csv", "progress=false",
+                                       f"hydra.sweep.dir={sweep}", f"cache.dir={tmp_path / 'cache'}"], REPO,
+                                      monkeypatch, capsys)
+    assert status != 0, stderr[-3000:]
+    table = md_rows(stdout)
     assert set(table) == {"Float", "PTQ"}
     metrics = json.loads(next(sweep.glob("bits=4,*method=ptq/metrics.json")).read_text())
     lo, hi = metrics["top1_ci95"]
@@ -144,8 +141,8 @@ def test_real_sweep_reports_and_exits_non_zero_on_a_bad_job(tmp_path: Path) -> N
     for method in ("fp32", "ptq"):
         bad = jobs[(method, 1)]
         assert bad.status == FAILED and "bits=1" in bad.error, (bad.status, bad.error)
-        assert f"failed: bits=1,data.calib_samples=64,data.eval_samples=64,method={method}" in proc.stdout
-    assert "2 job(s) of this launch have no results" in proc.stderr
+        assert f"failed: bits=1,data.calib_samples=64,data.eval_samples=64,method={method}" in stdout
+    assert "2 job(s) of this launch have no results" in stderr
     assert NOT_STARTED not in {j.status for j in jobs.values()}
     failed = json.loads((jobs[("ptq", 1)].path / "failed.json").read_text())
     assert failed["error_type"] == "ConfigError" and failed["stage"] == "validate"

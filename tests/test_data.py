@@ -124,6 +124,19 @@ def test_loaders_are_deterministic_unshuffled_and_indexed() -> None:
     assert sum(len(y) for _, y in bundle.bn_loader()) == 300
 
 
+def test_packaged_arrays_are_read_once_read_only_and_again_when_their_file_changes(tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    test, _ = cifar10.packaged_arrays()
+    assert cifar10.packaged_arrays()[0]["images"] is test["images"]  # decompressed once per process
+    assert not test["images"].flags.writeable  # shared by every bundle: nobody may change it
+    copy = tmp_path / "test.npz"
+    monkeypatch.setattr(cifar10, "TEST_FILE", copy)
+    for n in (3, 5):  # a file rewritten in place is read again
+        np.savez(copy, images=test["images"][:n], labels=test["labels"][:n], test_index=test["test_index"][:n])
+        assert len(cifar10.packaged_arrays()[0]["labels"]) == n
+        assert len(cifar10.embedded(eval_samples=None).eval) == n
+
+
 def test_eval_subset_spans_the_set() -> None:
     picked = eval_indices(10_000, 100)
     assert len(set(picked.tolist())) == 100 and picked[0] == 0 and picked[-1] > 9800

@@ -34,7 +34,7 @@ def run(args: list[str], out: Path) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
-@pytest.mark.slow  # four fresh processes; the default suite reruns a sweep's job with trainer.devices=2
+@pytest.mark.slow  # four fresh processes (so is test_sweeps' resume in two DDP processes)
 @pytest.mark.parametrize("method", METHODS)
 def test_two_processes_reproduce_the_single_process_metrics(method: str, tmp_path: Path) -> None:
     single = run([*METHODS[method], *COMMON, "trainer.devices=1"], tmp_path / "single")

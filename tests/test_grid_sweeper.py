@@ -2,16 +2,15 @@
 (command-line grid, experiment file from another working directory), and the report's prediction
 of its jobs.
 
-Real sweeps run ``python run.py -m ...`` in a subprocess on the embedded default with tiny sample
-sizes, using only ``method=fp32`` and ``method=ptq`` (seconds per job).
+Real sweeps run ``python run.py -m ...`` in this process (``run_main``: the same main, Hydra and
+basic launcher) on the embedded default with tiny sample sizes, using only ``method=fp32`` and
+``method=ptq`` (seconds per job).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from omegaconf import OmegaConf
 
 from qaf.report.collect import NOT_STARTED, OK, collect_sweep
 
-from conftest import expected_overrides
+from conftest import expected_overrides, run_main
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `pytest` without `python -m`: the repo's hydra_plugins/
@@ -30,7 +29,6 @@ if str(REPO) not in sys.path:  # `pytest` without `python -m`: the repo's hydra_
 from hydra_plugins.qaf_grid_sweeper.expand import expand_grid  # noqa: E402
 
 TINY = ["data.eval_samples=64", "data.calib_samples=64", "logger=csv", "progress=false"]
-ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 
 
 # --- the job list -------------------------------------------------------------------------------
@@ -176,11 +174,12 @@ def grid_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[lis
     root = tmp_path_factory.mktemp("grid")
     sweep_dir = root / "sweep"
     task = [*TINY, f"cache.dir={root / 'cache'}"]
-    cmd = [sys.executable, "run.py", "-m", "hydra/sweeper=grid", f"+hydra.sweeper.grid={CLI_GRID}",
-           "hydra.sweeper.max_batch_size=2", f"hydra.sweep.dir={sweep_dir}", *task]
-    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Grid sweeper: 3 grid item(s), 3 job(s)" in proc.stdout + proc.stderr
+    with pytest.MonkeyPatch.context() as patch:
+        status, out, err = run_main(["-m", "hydra/sweeper=grid", f"+hydra.sweeper.grid={CLI_GRID}",
+                                     "hydra.sweeper.max_batch_size=2", f"hydra.sweep.dir={sweep_dir}", *task], REPO,
+                                    patch)
+    assert status == 0, err[-3000:]
+    assert "Grid sweeper: 3 grid item(s), 3 job(s)" in out + err
     return sweep_dir, expand_grid(CLI_GRID_PY, None, task)
 
 
@@ -231,17 +230,16 @@ hydra:
 """
 
 
-def test_experiment_file_from_another_working_directory(tmp_path: Path) -> None:
+def test_experiment_file_from_another_working_directory(tmp_path: Path, monkeypatch, capsys) -> None:
     """The documented experiment pattern; ``bits=8`` on the command line replaces every item's
     bits, so the two ptq items collapse into one job."""
     (tmp_path / "conf" / "experiment").mkdir(parents=True)
     (tmp_path / "conf" / "experiment" / "grid_demo.yaml").write_text(EXPERIMENT)
     sweep_dir = tmp_path / "sweep"
     task = ["experiment=grid_demo", "bits=8", *TINY, f"cache.dir={tmp_path / 'cache'}"]
-    cmd = [sys.executable, str(REPO / "run.py"), *task, f"hydra.sweep.dir={sweep_dir}",
-           f"hydra.searchpath=[file://{tmp_path / 'conf'}]"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    status, _, err = run_main([*task, f"hydra.sweep.dir={sweep_dir}", f"hydra.searchpath=[file://{tmp_path / 'conf'}]"],
+                              tmp_path, monkeypatch, capsys)
+    assert status == 0, err[-3000:]
     expected = expand_grid(OmegaConf.to_container(OmegaConf.create(EXPERIMENT).hydra.sweeper.grid),
                            {"act_bits": 8}, task)
     assert [j[1] for j in _jobs_on_disk(sweep_dir)] == expected

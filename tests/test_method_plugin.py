@@ -112,7 +112,7 @@ def plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     sys.modules.pop("toy_svd_plugin", None)
 
 
-TINY = ["data.eval_samples=200", "data.calib_samples=64", "cache.enabled=false", "logger=none", "progress=false"]
+TINY = ["data.eval_samples=64", "data.calib_samples=64", "cache.enabled=false", "logger=none", "progress=false"]
 
 
 def test_a_method_family_from_outside_qaf_runs_and_is_reported_as_it_declares(
@@ -166,7 +166,7 @@ def test_its_runs_export_and_reload_with_the_runs_top1(plugin: str, tmp_path: Pa
     assert [type(m).__name__ for m in loaded.modules()].count("SVDConv2d") == 6
     correct = 0
     with torch.no_grad():
-        for x, y, _ in embedded(eval_samples=200, calib_samples=64).eval_loader():
+        for x, y, _ in embedded(eval_samples=64, calib_samples=64).eval_loader():
             correct += int((loaded(x).argmax(1) == y).sum())
-    assert round(100 * correct / 200, 4) == metrics["top1"]
+    assert round(100 * correct / 64, 4) == metrics["top1"]
 

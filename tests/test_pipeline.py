@@ -15,7 +15,7 @@ from conftest import run_cli, run_inprocess, run_main
 from qaf import lit, outputs
 from qaf.config import ConfigError
 
-TINY = ("data.eval_samples=200", "data.calib_samples=64", "cache.enabled=false")
+TINY = ("data.eval_samples=100", "data.calib_samples=64", "cache.enabled=false")
 
 
 def metrics_files(root: Path) -> list[Path]:
@@ -47,11 +47,11 @@ def test_fp32_scores_the_published_91_73_on_the_full_test_set(tmp_path: Path):
     assert not list(tmp_path.glob("multirun_outputs/*/running.json"))
 
 
-def test_ptq_run_logs_to_wandb_offline_and_records_its_protocol(tmp_path: Path):
+def test_ptq_run_logs_to_wandb_offline_and_records_its_protocol(tmp_path: Path, monkeypatch, capsys):
     args = ["method=ptq", "bits=8", "sweep_id=ptq8", "data.eval_samples=500", "data.calib_samples=128",
             "progress=false"]
-    result = run_cli(args, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    status, out_text, err_text = run_main(args, tmp_path, monkeypatch, capsys)
+    assert status == 0, err_text[-3000:]
     out = tmp_path / "multirun_outputs" / "ptq8"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "ptq" and metrics["bits"] == 8 and metrics["policy"] == "uniform"
@@ -63,14 +63,15 @@ def test_ptq_run_logs_to_wandb_offline_and_records_its_protocol(tmp_path: Path):
     assert metrics["layers"] and all("name" in layer for layer in metrics["layers"])
     assert abs(metrics["top1"] - metrics["fp32_top1"]) < 2
     assert list(out.glob("wandb/offline-run-*/run-*.wandb")), "W&B offline run missing"
-    assert "result: top-1" in result.stdout + result.stderr  # the one-line result of a single run
+    assert "result: top-1" in out_text + err_text  # the one-line result of a single run
 
 
-def test_failed_run_leaves_no_metrics(tmp_path: Path):
+def test_failed_run_leaves_no_metrics(tmp_path: Path, monkeypatch, capsys):
     missing = tmp_path / "nope.th"
-    result = run_cli(["method=ptq", f"model.checkpoint={missing}", "logger=none"], cwd=tmp_path, timeout=120)
-    assert result.returncode == 2
-    assert "model.checkpoint" in result.stderr and "Traceback" not in result.stderr
+    status, _, err = run_main(["method=ptq", f"model.checkpoint={missing}", "logger=none"], tmp_path, monkeypatch,
+                              capsys)
+    assert status == 2
+    assert "model.checkpoint" in err and "Traceback" not in err
     assert not metrics_files(tmp_path)
     (failed,) = tmp_path.glob("multirun_outputs/*/failed.json")
     assert json.loads(failed.read_text())["stage"] == "setup"
@@ -82,8 +83,8 @@ def test_imagenet_folders_and_torchvision_resnet18_end_to_end(tmp_path: Path, sh
     # on class folders labelled through the canonical WNID list, at 224x224.
     root = shared_data / "imagenet_val_1300"
     status, _, err = run_main(["method=ptq", "bits=8", "model=resnet18", "model.pretrained=false", "data=imagenet",
-                               f"data.root={root}", "data.calib_split=val", "data.calib_samples=8",
-                               "data.eval_samples=16", "data.batch_size=8", "data.num_workers=0", "logger=none",
+                               f"data.root={root}", "data.calib_split=val", "data.calib_samples=4",
+                               "data.eval_samples=8", "data.batch_size=4", "data.num_workers=0", "logger=none",
                                "progress=false"], tmp_path, monkeypatch, capsys)
     assert status == 0, err[-3000:]
     metrics = load_single(tmp_path)
@@ -253,9 +254,17 @@ def test_non_finite_weights_are_a_config_error_for_every_method(method: str, tmp
 
 def test_float_accuracy_cache_is_keyed_by_precision(tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    common = ("method=ptq", "data.eval_samples=500", "data.calib_samples=64", "cache.dir=cache")
+    common = ("method=fp32", "data.eval_samples=100", "data.calib_samples=64", "cache.dir=cache")
+
+    def entries() -> set[str]:
+        return {p.name for p in (tmp_path / "cache").glob("*.pt")}
+
     bf16 = run_inprocess(*common, "trainer.precision=bf16-mixed", "sweep_id=bf16")
+    after_bf16 = entries()
     fp32 = run_inprocess(*common, "sweep_id=fp32")
+    assert len(after_bf16) == 1 and len(entries() - after_bf16) == 1  # its own entry, not bf16's
+    again = run_inprocess(*common, "sweep_id=again")
+    assert len(entries()) == 2 and again["fp32_top1"] == fp32["fp32_top1"]  # served from its entry
     plain = run_inprocess(*common, "cache.enabled=false", "sweep_id=plain")
-    assert fp32["fp32_top1"] == plain["fp32_top1"]  # not the bf16 figure served from the cache
+    assert fp32["fp32_top1"] == plain["fp32_top1"]
     assert bf16["config_hash"] != fp32["config_hash"]

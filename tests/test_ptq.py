@@ -65,7 +65,7 @@ def test_embedded_resnet20_w8a8_close_to_fp32() -> None:
     from qaf.data.cifar10 import embedded
     from qaf.models.cifar_resnet import build
 
-    data = embedded(calib_samples=256, eval_samples=2000, batch_size=250)
+    data = embedded(calib_samples=256, eval_samples=1000, batch_size=250)
 
     def top1(model: nn.Module) -> float:
         with torch.no_grad():

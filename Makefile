@@ -22,6 +22,9 @@ sweep: install ## the QAF sweep: ADMM and ADMM-EPC at 4, 6 and 8 bits
 
 # Two workers (xdist), whole modules per worker so that module fixtures are built once.
 XDIST ?= -n 2 --dist loadscope
+# Bytecode caches on even where the environment turns them off: the test subprocesses and every
+# later run then skip recompiling qaf and rewriting the test modules' asserts.
+test test-all mutants: export PYTHONDONTWRITEBYTECODE =
 
 test: install ## the fast test suite (about 5 minutes on 2 idle cores; slow tests deselected)
 	$(PYTHON) -m pytest -q $(XDIST)

@@ -26,7 +26,7 @@ XDIST ?= -n 2 --dist loadscope
 # later run then skip recompiling qaf and rewriting the test modules' asserts.
 test test-all mutants: export PYTHONDONTWRITEBYTECODE =
 
-test: install ## the fast test suite (about 5 minutes on 2 idle cores; slow tests deselected)
+test: install ## the fast test suite (under 3 minutes on 2 idle cores; slow tests deselected)
 	$(PYTHON) -m pytest -q $(XDIST)
 
 test-all: install ## every test, slow end-to-end ones included (what CI runs)

@@ -84,20 +84,22 @@ def run_main(args: list[str], cwd: Path, monkeypatch: pytest.MonkeyPatch,
 
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", ["run.py", *args])
-    out, err = io.StringIO(), io.StringIO()
     if capsys is not None:
         capsys.readouterr()
-    with contextlib.redirect_stdout(out) if capsys is None else contextlib.nullcontext(), \
-            contextlib.redirect_stderr(err) if capsys is None else contextlib.nullcontext():
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.ExitStack() as redirects:
+        if capsys is None:
+            redirects.enter_context(contextlib.redirect_stdout(out))
+            redirects.enter_context(contextlib.redirect_stderr(err))
         try:
             runpy.run_path(str(ROOT / "run.py"), run_name="__main__")
             status = 0
         except SystemExit as exit_:
             status = exit_.code if isinstance(exit_.code, int) else 1
-    if capsys is None:
-        return status, out.getvalue(), err.getvalue()
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
+    if capsys is not None:
+        captured = capsys.readouterr()
+        return status, captured.out, captured.err
+    return status, out.getvalue(), err.getvalue()
 
 
 def expected_overrides(sweep: Path) -> list[list[str]] | None:

@@ -202,6 +202,7 @@ def test_fast_cp_evaluation_is_bit_identical_to_the_plain_path(exported, monkeyp
         torch.set_num_threads(1)
 
 
+@pytest.mark.slow  # refits every grid twice; as the test above, against the reference forward
 def test_fast_cp_path_observes_the_same_activations(exported, monkeypatch):
     import copy
 

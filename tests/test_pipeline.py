@@ -103,8 +103,8 @@ FAMILIES = {
     "cpd_epc": ["method=cpd_epc", "method.include=[layer3.*]", "method.als_iters=5", "method.epc_iters=5",
                 "method.epc_min_iters=2"],
     "admm": ["method=admm", "method.include=[layer2.0.*]", "method.admm_outer=2"],
-    "qswd": ["method=qswd", "method.include=[layer3.2.*]", "method.max_iter=20", "finetune.steps=3",
-             "finetune.samples=256", "finetune.batch_size=64"],
+    "qswd": ["method=qswd", "method.include=[layer3.2.*]", "method.max_iter=10", "finetune.steps=2",
+             "finetune.samples=128", "finetune.batch_size=64"],
 }
 VOLATILE = ("timings", "finetune_summary")  # wall-clock seconds
 
@@ -191,16 +191,26 @@ def test_a_folder_holding_another_configs_results_is_refused_or_moved_aside(tmp_
     assert not (folder / "failed.json").exists()
 
 
-@pytest.mark.parametrize("content", ["[]", "null", "{}", '{"top1": NaN}', '{"method": "ptq"'])
-def test_a_damaged_metrics_json_is_set_aside_and_the_run_repeated(content: str, tmp_path: Path, monkeypatch):
+DAMAGED = ["[]", "null", "{}", '{"top1": NaN}', '{"method": "ptq"']
+
+
+def test_a_damaged_metrics_json_is_set_aside_and_the_run_repeated(tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     folder = tmp_path / "multirun_outputs" / "damaged"
     folder.mkdir(parents=True)
-    (folder / "metrics.json").write_text(content)
+    (folder / "metrics.json").write_text(DAMAGED[-1])
     metrics = run_inprocess("method=fp32", *TINY, "sweep_id=damaged")
     assert json.loads((folder / "metrics.json").read_text())["top1"] == metrics["top1"]
     (kept,) = folder.glob(".replaced/*/metrics.json")
-    assert kept.read_text() == content
+    assert kept.read_text() == DAMAGED[-1]
+
+
+@pytest.mark.parametrize("content", DAMAGED)
+def test_no_damaged_metrics_json_counts_as_finished(content: str, tmp_path: Path):
+    (tmp_path / "metrics.json").write_text(content)  # what the run above meets, each kind of damage
+    assert outputs.prepare(tmp_path, "0123456789abcdef", resume=True, overwrite=False, sweep_id="s") is None
+    (kept,) = tmp_path.glob(".replaced/*/metrics.json")
+    assert kept.read_text() == content and not (tmp_path / "metrics.json").exists()
 
 
 def test_a_job_run_again_moves_the_logger_runs_of_its_earlier_attempts_aside(tmp_path: Path):

@@ -118,17 +118,17 @@ def test_deployable_form_puts_additions_and_biases_on_grids(compressed, family):
         assert torch.equal(layer.bias_grid.scale.reshape(-1), (quantizer.grid.scale * layer.weight_grid.scale).reshape(-1))
 
 
-@pytest.mark.parametrize("family, level", [
-    pytest.param("ptq", "basic", marks=pytest.mark.slow), pytest.param("ptq", "all", marks=pytest.mark.slow),
-    pytest.param("admm_epc", "basic", marks=pytest.mark.slow), ("admm_epc", "all")])
-def test_onnx_of_the_deployable_form_runs_on_integer_kernels_and_scores_like_pytorch(compressed, family, level,
+@pytest.mark.parametrize("family, level, n", [  # n: evaluation images (the form runs slowly in PyTorch)
+    pytest.param("ptq", "basic", EVAL, marks=pytest.mark.slow), pytest.param("ptq", "all", EVAL, marks=pytest.mark.slow),
+    pytest.param("admm_epc", "basic", EVAL, marks=pytest.mark.slow), ("admm_epc", "all", 512)])
+def test_onnx_of_the_deployable_form_runs_on_integer_kernels_and_scores_like_pytorch(compressed, family, level, n,
                                                                                        tmp_path):
     from qaf.export.onnx import export_onnx, kernel_counts, onnx_logits, session
 
     model, data = compressed(family)
     form = deployable(model, calibrating_on(data.calib_loader()))
     export_onnx(form, tmp_path / "deploy.onnx")
-    images, labels = data.eval.images, torch.tensor(data.eval.labels)
+    images, labels = data.eval.images[:n], torch.tensor(data.eval.labels[:n])
     with torch.no_grad():
         expected = torch.cat([form(images[i:i + 256]) for i in range(0, len(images), 256)]).argmax(1)
     optimized = tmp_path / f"{level}.onnx"

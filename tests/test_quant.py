@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from qaf.config import ConfigError
-from qaf.quant.clip import ACIQ_LAPLACE, ACIQ_LAPLACE_RELU, aciq_laplace_constant
+from qaf.quant.clip import ACIQ_LAPLACE, ACIQ_LAPLACE_RELU, aciq_laplace_constant, lp_error, search_fraction, sorted_mse
 from qaf.calib import observing_activations
 from qaf.quant.modules import ActQuantizer, QuantLayer, quantize_model
 from qaf.quant.observer import batch_index
-from qaf.quant.uniform import Grid, correct_mean, make_grid
+from qaf.quant.uniform import Grid, affine_grid, correct_mean, make_grid, symmetric_grid, unsigned_grid
 
 BITS = [2, 3, 4, 8]
 # (make_grid kwargs, expected number of levels as a function of bits)
@@ -127,6 +127,47 @@ def test_lp_clip_grows_with_bits(dist: str, p: float) -> None:
     x = sample(dist, (50_000,))
     alphas = [float(make_grid(x, b, clip="lp", p=p).alpha) for b in (2, 3, 4, 6)]
     assert all(a1 > a0 for a0, a1 in zip(alphas, alphas[1:])), alphas
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dist", ["gauss", "laplace", "uniform", "outliers"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_sorted_mse_is_the_elementwise_mse(bits: int, dist: str, kind: str) -> None:
+    # The sorted prefix-sum evaluation against the direct one, for every kind of grid and fractions
+    # from deep clipping to min-max (so runs at both clamped ends and empty levels are covered).
+    x = sample(dist, (20_000,), seed=bits)
+    if kind == "unsigned":
+        x = x.relu()
+    data = x.reshape(1, -1)
+    extent, lo, hi = data.abs().amax(1, keepdim=True), data.amin(1, keepdim=True), data.amax(1, keepdim=True)
+    build = {"symmetric": lambda t: symmetric_grid(t * extent, bits),
+             "zero_free": lambda t: symmetric_grid(t * extent, bits, zero_free=True),
+             "unsigned": lambda t: unsigned_grid(t * hi.clamp_min(0), bits),
+             "affine": lambda t: affine_grid(t * lo, t * hi, bits)}[kind]
+    ts = torch.tensor([0.003, 0.05, 0.2, 0.5, 0.9, 1.0]).view(-1, 1, 1)
+    direct = lp_error(build(ts), data.unsqueeze(0), 2.0)
+    fast = sorted_mse(x, build)(ts)
+    assert fast.shape == direct.shape
+    # The direct error squares in float32 (about 1e-8 relative per term); these sums are float64.
+    torch.testing.assert_close(fast, direct, rtol=1e-6, atol=0.0)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dist", ["gauss", "outliers"])
+def test_sorted_search_finds_the_same_clip(bits: int, dist: str) -> None:
+    x = sample(dist, (100_000,), seed=bits)
+    exact, fast = make_grid(x, bits), make_grid(x, bits, sorted_search=True)
+    assert float(fast.scale) == pytest.approx(float(exact.scale), rel=1e-4)
+    assert mse(fast(x), x) == pytest.approx(mse(exact(x), x), rel=1e-6)
+
+
+def test_sorted_search_needs_one_row_and_squares() -> None:
+    x = sample("gauss", (4, 100))
+    grid = lambda t: symmetric_grid(t, 4)  # noqa: E731
+    with pytest.raises(ValueError, match="one row and p = 2"):
+        search_fraction(x, grid, 2.0, sorted_search=True)
+    with pytest.raises(ValueError, match="one row and p = 2"):
+        search_fraction(x[:1], grid, 3.0, sorted_search=True)
 
 
 def test_mse_clip_matches_known_gaussian_optimum() -> None:

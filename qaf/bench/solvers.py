@@ -87,10 +87,11 @@ def solver_figures(args: argparse.Namespace, device: torch.device) -> dict:
     epc = per_iteration(lambda n: cp_epc(tensor, als_start, n_iter=n, tol=0.0), 1, 2 if args.quick else 3)
     print(f"EPC sweep           {epc:8.3f} s/iter")
 
-    from qaf.quant.uniform import make_grid
+    from qaf.methods.cp import CP
 
+    grid_factory = CP(bits=4, init="epc", solver="admm").grid_factory  # the method's grids
     admm = per_iteration(
-        lambda n: cp_admm(tensor, list(start), lambda x: make_grid(x, 4), max_outer=n, max_inner=10,
+        lambda n: cp_admm(tensor, list(start), grid_factory, max_outer=n, max_inner=10,
                           patience=10**6),
         1, 2 if args.quick else 3,
     )

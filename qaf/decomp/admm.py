@@ -4,8 +4,9 @@ Outer loop: for each mode n, ``G = *_{m != n} U_m^T U_m`` and ``F = MTTKRP_n``; 
 solves ``min ||W_(n) - H K^T||^2 s.t. H on a quantization grid`` by ADMM:
 
     H~ = (F + rho (H + U)) (G + rho I)^-1      (one Cholesky per inner solve, rho = tr(G)/R)
-    H  = Q(H~ - U)                              (projection onto a FIXED grid)
-    U  = U + H - H~
+    H^ = alpha H~ + (1 - alpha) H               (over-relaxation; alpha = 1: none)
+    H  = Q(H^ - U)                              (projection onto a FIXED grid)
+    U  = U + H - H^
 
 stopping when the primal ``||H - H~|| / ||H||`` and dual ``||H - H_prev|| / ||U||`` residuals
 are both below ``tol_inner``. Duals carry over between outer iterations (warm start).
@@ -18,6 +19,9 @@ Differences from the reference implementation, and why:
   rank-deficient Gram matrices do not crash a solve); each inner step is then one GEMM with its
   inverse, or two float64 triangular solves for a factor with few rows (the kernel mode), see
   :func:`qaf.decomp.cp.spd_right_solver`;
+- optional over-relaxation (``relaxation`` alpha in (0, 2), Boyd et al. 2011, section 3.4.3): with
+  alpha = 1.8 a rank-943 ResNet-18 layer reaches in 20 outer iterations the error that alpha = 1
+  reaches in 40-60, and ends lower (docs/qaf_solvers.md);
 - every outer iteration's quantized error is measured exactly (from the MTTKRP and the Grams)
   and the best quantized iterate is returned (the starting point, quantized, included); a
   diverging run (non-finite or exploding error) stops early, restores the best and warns.
@@ -45,7 +49,7 @@ from qaf.decomp.cp import (
 
 #: Version of the numerics of AO-ADMM: part of every cache key of their results. Bump it with
 #: any change that can change a result (tests/test_cache.py fails until the bump is recorded).
-VERSION = 3
+VERSION = 4
 
 __all__ = ["ADMMResult", "GridFactory", "Projector", "admm_factor_update", "cp_admm"]
 
@@ -98,6 +102,7 @@ def admm_factor_update(
     *,
     max_iter: int = 50,
     tol: float = 1e-4,
+    relaxation: float = 1.0,
 ) -> tuple[Tensor, Tensor, Projector, int]:
     """One quantized least-squares factor update by ADMM.
 
@@ -117,6 +122,8 @@ def admm_factor_update(
         Inner steps at most.
     tol : float
         Threshold on the primal and dual residuals (relative Frobenius norms).
+    relaxation : float
+        Over-relaxation alpha in (0, 2): the projection and the dual see ``alpha H~ + (1 - alpha) H``.
 
     Returns
     -------
@@ -133,14 +140,16 @@ def admm_factor_update(
     steps = 0
     for steps in range(1, max_iter + 1):
         h_tilde = solve(torch.add(mttkrp, h + u, alpha=rho))
-        target = h_tilde - u
+        h_hat = h_tilde if relaxation == 1.0 else torch.lerp(h, h_tilde, relaxation)
+        target = h_hat - u
         if grid is None:
             grid = grid_factory(target)
         h_prev = h
         h = grid(target)
-        gap = h - h_tilde
+        gap = h - h_hat
         u = u + gap
-        primal = float(torch.linalg.vector_norm(gap)) / max(float(torch.linalg.vector_norm(h)), 1e-30)
+        primal = float(torch.linalg.vector_norm(gap if relaxation == 1.0 else h - h_tilde)) / max(
+            float(torch.linalg.vector_norm(h)), 1e-30)
         dual_res = float(torch.linalg.vector_norm(h - h_prev)) / max(
             float(torch.linalg.vector_norm(u)), 1e-30
         )
@@ -161,6 +170,7 @@ def cp_admm(
     tol_outer: float = 1e-4,
     patience: int = 3,
     divergence_factor: float = 10.0,
+    relaxation: float = 1.0,
 ) -> ADMMResult:
     """Quantized CP by AO-ADMM, started from ``factors``.
 
@@ -185,6 +195,8 @@ def cp_admm(
         Stop after this many outer iterations without progress.
     divergence_factor : float
         Stop (and warn) when the error exceeds this multiple of the best one, or is not finite.
+    relaxation : float
+        Over-relaxation of the inner steps (see :func:`admm_factor_update`); 1 for none.
 
     Returns
     -------
@@ -193,6 +205,8 @@ def cp_admm(
     """
     if not bool(torch.isfinite(tensor).all()):
         raise ValueError("tensor has non-finite entries")
+    if not 0.0 < relaxation < 2.0:
+        raise ValueError(f"relaxation must be in (0, 2), got {relaxation}")
     dt = tensor.dtype
     plan = MttkrpPlan(tensor)
     grids = [grid_factory(f.to(dt)) for f in factors]
@@ -213,7 +227,7 @@ def cp_admm(
                     mttkrp = plan.mttkrp(current, n)
                     h, duals[n], grids[n], steps = admm_factor_update(
                         current[n], duals[n], mttkrp, hadamard_except(grams, n), grid_factory,
-                        max_iter=max_inner, tol=tol_inner,
+                        max_iter=max_inner, tol=tol_inner, relaxation=relaxation,
                     )
                     inner_total += steps
                     current[n] = h

@@ -71,6 +71,7 @@ class CPOptions(DecompositionOptions):
     admm_tol_inner: float = option(1e-4, low=0)
     admm_tol_outer: float = option(1e-4, low=0)
     admm_patience: int = option(5, low=1, high=10**7)
+    admm_relaxation: float = option(1.0, low=0, low_open=True, high=1.9)
     # Not in conf/cp_solver/default.yaml, so the config hashes of existing runs stay: a check, not
     # a setting of the computation (``+method.min_rank=1`` allows rank-1 layers).
     min_rank: int = option(2, low=1, high=10**7)
@@ -109,6 +110,8 @@ class CP(DecompositionMethod):
         change of ``||lambda||`` below ``epc_tol``.
     admm_outer, admm_inner, admm_tol_inner, admm_tol_outer, admm_patience
         AO-ADMM budgets (see :func:`qaf.decomp.admm.cp_admm`).
+    admm_relaxation : float
+        Over-relaxation alpha of the inner ADMM steps, in (0, 1.9]; 1 for none (1.5-1.8 is usual).
     min_rank : int
         The smallest rank ``rate`` may give a selected conv (2: a rank-1 layer, a rate too large
         by mistake, is refused; ``+method.min_rank=1`` allows it).
@@ -135,7 +138,8 @@ class CP(DecompositionMethod):
         self.epc = {"iters": self.epc_iters, "min_iters": self.epc_min_iters, "work": self.epc_work,
                     "tol": self.epc_tol}
         self.admm = {"outer": self.admm_outer, "inner": self.admm_inner, "tol_inner": self.admm_tol_inner,
-                     "tol_outer": self.admm_tol_outer, "patience": self.admm_patience}
+                     "tol_outer": self.admm_tol_outer, "patience": self.admm_patience,
+                     "relaxation": self.admm_relaxation}
         self.budget = None if self.ranks is None else ranks_module.BudgetOptions.from_config(self.ranks)
         self.layer_ranks: dict[str, int] | None = None  # chosen by the allocation; None: from `rate`
         self.effective_rate: float | None = None
@@ -229,7 +233,8 @@ class CP(DecompositionMethod):
             def run_admm() -> tuple[dict[str, Tensor], dict[str, Any]]:
                 res = admm_module.cp_admm(tensor, start, self.grid_factory, max_outer=self.admm["outer"],
                                           max_inner=self.admm["inner"], tol_inner=self.admm["tol_inner"],
-                                          tol_outer=self.admm["tol_outer"], patience=self.admm["patience"])
+                                          tol_outer=self.admm["tol_outer"], patience=self.admm["patience"],
+                                          relaxation=self.admm["relaxation"])
                 return {**_as_dict(res.factors), **_grids_as_dict(res.grids)}, {
                     "iterations": res.iterations, "diverged": res.diverged, "inner_iterations": res.inner_iterations,
                     "qrange": [[g.qmin, g.qmax] for g in res.grids]}

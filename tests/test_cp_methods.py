@@ -159,6 +159,19 @@ def test_epc_start_is_cached_once_across_methods_and_bits(tmp_path, monkeypatch)
         assert e_admm <= e_cpd  # ADMM keeps its best iterate, the quantized start included
 
 
+def test_epc_one_step_reaches_the_solver_and_has_its_own_cache_entry(tmp_path, monkeypatch):
+    seen = []
+    real = cp_methods.cp_epc
+    monkeypatch.setattr(cp_methods, "cp_epc", lambda *a, **k: seen.append(k["one_step"]) or real(*a, **k))
+    cache = FactorCache(tmp_path)
+    errors = {}
+    for one in (False, True, True):
+        reports = method("cpd_epc", include=["layer1.2.conv1"], epc_one_step=one, **FAST).compress(build(20), _ctx(cache))
+        errors[one] = reports[0]["e_quant"]
+    assert seen == [False, True]  # the third run is the cache's: keyed by the option, not shared with False
+    assert errors[True] != errors[False]
+
+
 def test_same_seed_same_model_output():
     x = torch.randn(2, 3, 32, 32)
 

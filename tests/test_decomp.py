@@ -24,7 +24,7 @@ from qaf.decomp import (
     weight_to_tensor,
 )
 from qaf.decomp.cp import spd_right_solver
-from qaf.decomp.epc import epc_block
+from qaf.decomp.epc import ONE_STEP_MAX, epc_block, epc_step
 from qaf.models.cifar_resnet import build
 from qaf.quant.uniform import make_grid
 
@@ -156,6 +156,38 @@ def test_epc_block_returns_the_least_squares_solution_when_it_misses_delta():
     x, mu, evals = epc_block(f, gamma, norm_sq, delta_sq=0.5)
     assert mu == math.inf and evals == 0
     assert torch.allclose(x, torch.linalg.solve(gamma, f.T).T, atol=1e-8)
+
+
+@pytest.mark.parametrize("rows,rank", [(9, 30), (40, 16), (64, 57)])
+@pytest.mark.parametrize("off", [0.9, 0.97, 1.03, 1.1])  # the prediction as a multiple of the root
+def test_epc_step_lands_near_the_root_from_a_near_prediction(rows, rank, off):
+    f, gamma, fit = _epc_system(rows, rank, seed=rows + rank)
+    norm_sq, delta_sq = 1.3 * fit, 0.8 * fit
+    truth, mu_true = _epc_block_by_eigh(f, gamma, norm_sq, delta_sq)
+    x, mu = epc_step(f, gamma, norm_sq, delta_sq, off * mu_true)
+    # Newton: the multiplier's error falls from |off - 1| to about its square; X follows to first order.
+    assert abs(mu / mu_true - 1) < 2 * (off - 1) ** 2
+    assert float((x - truth).norm() / truth.norm()) < 2 * (off - 1) ** 2
+    g = norm_sq - 2 * float((f * x).sum()) + float(((x.T @ x) * gamma).sum())
+    assert g == pytest.approx(delta_sq, rel=(off - 1) ** 2)
+
+
+def test_epc_step_refuses_a_prediction_far_from_the_root():
+    f, gamma, fit = _epc_system(40, 16, seed=56)
+    norm_sq, delta_sq = 1.3 * fit, 0.8 * fit
+    _, mu_true = _epc_block_by_eigh(f, gamma, norm_sq, delta_sq)
+    assert epc_step(f, gamma, norm_sq, delta_sq, 0.1 * mu_true) is None  # step ~ 9 mu > ONE_STEP_MAX mu
+    assert ONE_STEP_MAX < 1
+
+
+def test_one_step_epc_keeps_the_error_and_the_norms_of_full_solves(resnet20):
+    tensor = weight_to_tensor(resnet20.layer3[1].conv1.weight.detach()).double()
+    als = cp_als(tensor, cp_rank(tensor.shape, 2.0), n_iter=30, generator=torch.Generator().manual_seed(0))
+    full = cp_epc(tensor, als.factors, n_iter=40, tol=0.0)
+    fast = cp_epc(tensor, als.factors, n_iter=40, tol=0.0, one_step=True)
+    assert fast.error == pytest.approx(als.error, rel=1e-5)
+    assert float(fast.weights.norm()) == pytest.approx(float(full.weights.norm()), rel=1e-3)
+    assert not torch.equal(fast.weights, full.weights)  # the one-step path ran
 
 
 def test_epc_keeps_error_and_shrinks_norms(resnet20):

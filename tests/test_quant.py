@@ -9,7 +9,15 @@ import torch
 from torch import nn
 
 from qaf.config import ConfigError
-from qaf.quant.clip import ACIQ_LAPLACE, ACIQ_LAPLACE_RELU, aciq_laplace_constant, lp_error, search_fraction, sorted_mse
+from qaf.quant.clip import (
+    ACIQ_LAPLACE,
+    ACIQ_LAPLACE_RELU,
+    aciq_laplace_constant,
+    lp_error,
+    search_fraction,
+    sorted_mse,
+    sorted_values,
+)
 from qaf.calib import observing_activations
 from qaf.quant.modules import ActQuantizer, QuantLayer, quantize_model
 from qaf.quant.observer import batch_index
@@ -150,6 +158,15 @@ def test_sorted_mse_is_the_elementwise_mse(bits: int, dist: str, kind: str) -> N
     assert fast.shape == direct.shape
     # The direct error squares in float32 (about 1e-8 relative per term); these sums are float64.
     torch.testing.assert_close(fast, direct, rtol=1e-6, atol=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_numpy_sort_gives_torch_sort_values(dtype: torch.dtype) -> None:
+    # Rounded so that ties are many; the values of a sort are unique, whatever the algorithm.
+    x = (sample("laplace", (30_000,), seed=1) * 8).round().to(dtype)
+    out = sorted_values(x)
+    assert out.dtype == dtype
+    assert torch.equal(out, torch.sort(x).values)
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -66,6 +66,7 @@ class CPOptions(DecompositionOptions):
     epc_min_iters: int = option(50, low=1, high=10**7)
     epc_work: float = option(2.4e9, low=0)
     epc_tol: float = option(1e-6, low=0)
+    epc_one_step: bool = option(False)
     admm_outer: int = option(100, low=1, high=10**7)
     admm_inner: int = option(10, low=1, high=10**7)
     admm_tol_inner: float = option(1e-4, low=0)
@@ -108,6 +109,10 @@ class CP(DecompositionMethod):
         EPC sweeps: ``clamp(epc_work / R^3, epc_min_iters, epc_iters)`` (EPC costs three R x R
         eigendecompositions per sweep, so large ranks get fewer sweeps), stop on a relative
         change of ``||lambda||`` below ``epc_tol``.
+    epc_one_step : bool
+        From the third EPC sweep on, one Newton step per block from an extrapolated multiplier
+        instead of a solve to convergence (:func:`qaf.decomp.epc.cp_epc`): half the cost of a sweep
+        at large ranks.
     admm_outer, admm_inner, admm_tol_inner, admm_tol_outer, admm_patience
         AO-ADMM budgets (see :func:`qaf.decomp.admm.cp_admm`).
     admm_relaxation : float
@@ -136,7 +141,7 @@ class CP(DecompositionMethod):
                               "(the factors of a CP decomposition)")
         self.als = {"iters": self.als_iters, "tol": self.als_tol}
         self.epc = {"iters": self.epc_iters, "min_iters": self.epc_min_iters, "work": self.epc_work,
-                    "tol": self.epc_tol}
+                    "tol": self.epc_tol, "one_step": self.epc_one_step}
         self.admm = {"outer": self.admm_outer, "inner": self.admm_inner, "tol_inner": self.admm_tol_inner,
                      "tol_outer": self.admm_tol_outer, "patience": self.admm_patience,
                      "relaxation": self.admm_relaxation}
@@ -318,7 +323,7 @@ class CP(DecompositionMethod):
         sweeps = keys["epc"]["epc"]["sweeps"]
 
         def run_epc() -> tuple[dict[str, Tensor], dict[str, Any]]:
-            res = cp_epc(tensor, als, n_iter=sweeps, tol=self.epc["tol"])
+            res = cp_epc(tensor, als, n_iter=sweeps, tol=self.epc["tol"], one_step=self.epc["one_step"])
             return _as_dict(res.factors), {"iterations": res.iterations, "error": res.error}
 
         stored, _, hit = cache.get_or_compute(keys["epc"], _timed(run_epc, seconds, "seconds_epc"), schema=schema)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Callable
 
+import numpy as np
 import torch
 from scipy.optimize import brentq
 from torch import Tensor
@@ -87,6 +88,14 @@ def lp_error(quantize: Quantizer, x: Tensor, p: float) -> Tensor:
     return diff.pow_(p).mean(-1, dtype=torch.float64)
 
 
+def sorted_values(x: Tensor) -> Tensor:
+    """``torch.sort(x).values``; on the CPU by NumPy, whose SIMD sort is about 3x faster (the sorted
+    values are unique, so the result is the same bit for bit)."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(np.sort(x.detach().numpy()))
+    return torch.sort(x).values
+
+
 def sorted_mse(x: Tensor, build: Callable[[Tensor], "Grid"]) -> Callable[[Tensor], Tensor]:
     """Mean squared error of grids on one row of data, from sorted data and prefix sums.
 
@@ -110,7 +119,7 @@ def sorted_mse(x: Tensor, build: Callable[[Tensor], "Grid"]) -> Callable[[Tensor
     callable
         Maps fractions (K, 1, 1) to errors (K, 1), as ``lp_error(build(t), x[None, None], 2.0)``.
     """
-    xs = torch.sort(x.reshape(-1)).values.double()
+    xs = sorted_values(x.reshape(-1)).double()
     zero = xs.new_zeros(1)
     sums = torch.cat([zero, xs.cumsum(0)]), torch.cat([zero, xs.square().cumsum(0)])
     n = xs.numel()

@@ -32,7 +32,7 @@ from qaf.quant.clip import CLIP_RULES, aciq_laplace_constant, laplace_scale, sea
 #: Version of the numerics of grids and clip rules (this module and qaf.quant.clip): part of the
 #: cache key of every cached result that fits grids (ADMM, QSWD). Bump it with any change that can
 #: change a grid (tests/test_cache.py checks).
-VERSION = 4
+VERSION = 5
 
 _EPS = 1e-12
 

@@ -172,6 +172,23 @@ def test_epc_one_step_reaches_the_solver_and_has_its_own_cache_entry(tmp_path, m
     assert errors[True] != errors[False]
 
 
+def test_admm_work_gives_large_ranks_fewer_sweeps(monkeypatch):
+    assert [method("admm_epc").admm_sweeps(r) for r in (10, 463, 1903)] == [100, 100, 100]  # default: admm_outer
+    ruled = method("admm_epc", admm_outer=40, admm_work=2.5e9, admm_min_outer=8)
+    assert [ruled.admm_sweeps(r) for r in (100, 463, 625, 1903)] == [40, 25, 10, 8]
+    # The solver gets the layer's budget, and the cache key names it.
+    seen = []
+    real = cp_methods.admm_module.cp_admm
+    monkeypatch.setattr(cp_methods.admm_module, "cp_admm", lambda *a, **k: seen.append(k["max_outer"]) or real(*a, **k))
+    small = method("admm_epc", include=["layer1.2.conv1"], **{**FAST, "admm_outer": 6}, admm_work=1e5, admm_min_outer=2)
+    small.compress(build(20), _ctx())
+    rank = small.rank_of("layer1.2.conv1", build(20).layer1[2].conv1)
+    assert seen == [int(1e5 / rank**3)] and 2 < seen[0] < 6  # the work term, between the bounds
+    conv = build(20).layer1[2].conv1
+    assert small.stage_keys(conv, rank, _ctx())["admm"] != method("admm_epc", **{**FAST, "admm_outer": 6}).stage_keys(
+        conv, rank, _ctx())["admm"]
+
+
 def test_same_seed_same_model_output():
     x = torch.randn(2, 3, 32, 32)
 

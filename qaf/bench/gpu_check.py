@@ -80,10 +80,12 @@ def cp_stage(method: CP, stage: str, tensor: Tensor, start: list[Tensor]) -> lis
     if stage == "als":
         return cp_als(tensor, rank, n_iter=method.als["iters"], tol=method.als["tol"], init=start).factors
     if stage == "epc":
-        return cp_epc(tensor, start, n_iter=method.epc_sweeps(rank), tol=method.epc["tol"]).factors
+        return cp_epc(tensor, start, n_iter=method.epc_sweeps(rank), tol=method.epc["tol"],
+                      one_step=method.epc["one_step"]).factors
     admm = method.admm
-    return cp_admm(tensor, start, method.grid_factory, max_outer=admm["outer"], max_inner=admm["inner"],
-                   tol_inner=admm["tol_inner"], tol_outer=admm["tol_outer"], patience=admm["patience"]).factors
+    return cp_admm(tensor, start, method.grid_factory, max_outer=method.admm_sweeps(rank), max_inner=admm["inner"],
+                   tol_inner=admm["tol_inner"], tol_outer=admm["tol_outer"], patience=admm["patience"],
+                   relaxation=admm["relaxation"]).factors
 
 
 def timed_on(device: torch.device, fn):

@@ -73,6 +73,8 @@ class CPOptions(DecompositionOptions):
     admm_tol_outer: float = option(1e-4, low=0)
     admm_patience: int = option(5, low=1, high=10**7)
     admm_relaxation: float = option(1.0, low=0, low_open=True, high=1.9)
+    admm_work: float = option(0.0, low=0)
+    admm_min_outer: int = option(10, low=1, high=10**7)
     # Not in conf/cp_solver/default.yaml, so the config hashes of existing runs stay: a check, not
     # a setting of the computation (``+method.min_rank=1`` allows rank-1 layers).
     min_rank: int = option(2, low=1, high=10**7)
@@ -117,6 +119,10 @@ class CP(DecompositionMethod):
         AO-ADMM budgets (see :func:`qaf.decomp.admm.cp_admm`).
     admm_relaxation : float
         Over-relaxation alpha of the inner ADMM steps, in (0, 1.9]; 1 for none (1.5-1.8 is usual).
+    admm_work, admm_min_outer
+        0 (default): every layer gets ``admm_outer`` outer sweeps at most. Otherwise a layer of rank R
+        gets ``clamp(admm_work / R^3, admm_min_outer, admm_outer)``, as EPC does: at large ranks a
+        sweep costs about R^3 and a longer EPC start buys more than ADMM sweeps (docs/qaf_solvers.md).
     min_rank : int
         The smallest rank ``rate`` may give a selected conv (2: a rank-1 layer, a rate too large
         by mistake, is refused; ``+method.min_rank=1`` allows it).
@@ -144,7 +150,7 @@ class CP(DecompositionMethod):
                     "tol": self.epc_tol, "one_step": self.epc_one_step}
         self.admm = {"outer": self.admm_outer, "inner": self.admm_inner, "tol_inner": self.admm_tol_inner,
                      "tol_outer": self.admm_tol_outer, "patience": self.admm_patience,
-                     "relaxation": self.admm_relaxation}
+                     "relaxation": self.admm_relaxation, "work": self.admm_work, "min_outer": self.admm_min_outer}
         self.budget = None if self.ranks is None else ranks_module.BudgetOptions.from_config(self.ranks)
         self.layer_ranks: dict[str, int] | None = None  # chosen by the allocation; None: from `rate`
         self.effective_rate: float | None = None
@@ -236,7 +242,7 @@ class CP(DecompositionMethod):
             factors = [g(f) for g, f in zip(grids, start)]
         else:
             def run_admm() -> tuple[dict[str, Tensor], dict[str, Any]]:
-                res = admm_module.cp_admm(tensor, start, self.grid_factory, max_outer=self.admm["outer"],
+                res = admm_module.cp_admm(tensor, start, self.grid_factory, max_outer=self.admm_sweeps(rank),
                                           max_inner=self.admm["inner"], tol_inner=self.admm["tol_inner"],
                                           tol_outer=self.admm["tol_outer"], patience=self.admm["patience"],
                                           relaxation=self.admm["relaxation"])
@@ -292,7 +298,8 @@ class CP(DecompositionMethod):
         grid = {"grids": QUANT_VERSION, "bits": self.bits, "symmetric": self.symmetric, "clip": self.clip, "p": self.p,
                 "sorted_from": SORTED_SEARCH_ELEMENTS}
         if self.solver == "admm":
-            keys["admm"] = {**start, "stage": "admm", "version": admm_module.VERSION, **grid, "admm": self.admm}
+            keys["admm"] = {**start, "stage": "admm", "version": admm_module.VERSION, **grid,
+                            "admm": {**self.admm, "sweeps": self.admm_sweeps(rank)}}
         else:
             keys["quantize"] = {**start, "stage": "quantize", **grid}
         return keys
@@ -300,6 +307,13 @@ class CP(DecompositionMethod):
     def epc_sweeps(self, rank: int) -> int:
         """EPC sweeps of a rank-``rank`` layer: ``clamp(epc_work / R^3, epc_min_iters, epc_iters)``."""
         return int(min(self.epc["iters"], max(self.epc["min_iters"], self.epc["work"] / rank**3)))
+
+    def admm_sweeps(self, rank: int) -> int:
+        """Outer AO-ADMM sweeps at most of a rank-``rank`` layer: ``admm_outer``, or under ``admm_work > 0``
+        ``clamp(admm_work / R^3, admm_min_outer, admm_outer)``."""
+        if self.admm["work"] == 0:
+            return self.admm["outer"]
+        return int(min(self.admm["outer"], max(self.admm["min_outer"], self.admm["work"] / rank**3)))
 
     def _start(self, tensor: Tensor, rank: int, keys: dict[str, dict], cache: FactorCache, seed: int,
                hits: list[bool], seconds: dict[str, float]) -> list[Tensor]:

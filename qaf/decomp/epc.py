@@ -233,7 +233,7 @@ def cp_epc(
         extrapolated geometrically from its last two roots (one evaluation instead of about two;
         a block whose step is too large is solved fully). Not solved to convergence, each block
         still lowers ``||lambda||`` at the same error: at rank 943 the sweeps cost half and
-        ``||lambda||`` after 50 of them is the same to 1e-5 (docs/qaf_solvers.md).
+        ``||lambda||`` after 50 of them is the same to 3e-5 (docs/qaf_solvers.md).
 
     Returns
     -------

@@ -108,8 +108,8 @@ class CP(DecompositionMethod):
     als_iters, als_tol
         ALS budget and stopping tolerance.
     epc_iters, epc_min_iters, epc_work, epc_tol
-        EPC sweeps: ``clamp(epc_work / R^3, epc_min_iters, epc_iters)`` (EPC costs three R x R
-        eigendecompositions per sweep, so large ranks get fewer sweeps), stop on a relative
+        EPC sweeps: ``clamp(epc_work / R^3, epc_min_iters, epc_iters)`` (an EPC sweep costs about three R x R
+        Cholesky factorizations and their solves, so large ranks get fewer sweeps), stop on a relative
         change of ``||lambda||`` below ``epc_tol``.
     epc_one_step : bool
         From the third EPC sweep on, one Newton step per block from an extrapolated multiplier

@@ -24,7 +24,7 @@ from qaf.decomp import (
     weight_to_tensor,
 )
 from qaf.decomp.cp import spd_right_solver
-from qaf.decomp.epc import ONE_STEP_MAX, epc_block, epc_step
+from qaf.decomp.epc import epc_block, epc_step
 from qaf.models.cifar_resnet import build
 from qaf.quant.uniform import make_grid
 
@@ -176,8 +176,8 @@ def test_epc_step_refuses_a_prediction_far_from_the_root():
     f, gamma, fit = _epc_system(40, 16, seed=56)
     norm_sq, delta_sq = 1.3 * fit, 0.8 * fit
     _, mu_true = _epc_block_by_eigh(f, gamma, norm_sq, delta_sq)
-    assert epc_step(f, gamma, norm_sq, delta_sq, 0.1 * mu_true) is None  # step ~ 9 mu > ONE_STEP_MAX mu
-    assert ONE_STEP_MAX < 1
+    assert epc_step(f, gamma, norm_sq, delta_sq, 0.1 * mu_true) is None  # a step of about 9 mu
+    assert epc_step(f, gamma, norm_sq, delta_sq, 0.1 * mu_true, max_step=100.0) is not None
 
 
 def test_one_step_epc_keeps_the_error_and_the_norms_of_full_solves(resnet20):

@@ -37,9 +37,7 @@ from torch import Tensor
 
 from qaf.bench import ROOT, SHARED_DATA
 from qaf.cache import FactorCache
-from qaf.decomp.admm import cp_admm
 from qaf.decomp.cp import cp_als, cp_rank, cp_to_tensor, init_factors, weight_to_tensor
-from qaf.decomp.epc import cp_epc
 from qaf.decomp.qswd import sparse_product, weight_to_matrix
 from qaf.methods.base import CompressContext, Method
 from qaf.methods.cp import CP
@@ -80,12 +78,8 @@ def cp_stage(method: CP, stage: str, tensor: Tensor, start: list[Tensor]) -> lis
     if stage == "als":
         return cp_als(tensor, rank, n_iter=method.als["iters"], tol=method.als["tol"], init=start).factors
     if stage == "epc":
-        return cp_epc(tensor, start, n_iter=method.epc_sweeps(rank), tol=method.epc["tol"],
-                      one_step=method.epc["one_step"]).factors
-    admm = method.admm
-    return cp_admm(tensor, start, method.grid_factory, max_outer=method.admm_sweeps(rank), max_inner=admm["inner"],
-                   tol_inner=admm["tol_inner"], tol_outer=admm["tol_outer"], patience=admm["patience"],
-                   relaxation=admm["relaxation"]).factors
+        return method.solve_epc(tensor, start).factors
+    return method.solve_admm(tensor, start).factors
 
 
 def timed_on(device: torch.device, fn):

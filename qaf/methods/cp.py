@@ -242,10 +242,7 @@ class CP(DecompositionMethod):
             factors = [g(f) for g, f in zip(grids, start)]
         else:
             def run_admm() -> tuple[dict[str, Tensor], dict[str, Any]]:
-                res = admm_module.cp_admm(tensor, start, self.grid_factory, max_outer=self.admm_sweeps(rank),
-                                          max_inner=self.admm["inner"], tol_inner=self.admm["tol_inner"],
-                                          tol_outer=self.admm["tol_outer"], patience=self.admm["patience"],
-                                          relaxation=self.admm["relaxation"])
+                res = self.solve_admm(tensor, start)
                 return {**_as_dict(res.factors), **_grids_as_dict(res.grids)}, {
                     "iterations": res.iterations, "diverged": res.diverged, "inner_iterations": res.inner_iterations,
                     "qrange": [[g.qmin, g.qmax] for g in res.grids]}
@@ -306,14 +303,26 @@ class CP(DecompositionMethod):
 
     def epc_sweeps(self, rank: int) -> int:
         """EPC sweeps of a rank-``rank`` layer: ``clamp(epc_work / R^3, epc_min_iters, epc_iters)``."""
-        return int(min(self.epc["iters"], max(self.epc["min_iters"], self.epc["work"] / rank**3)))
+        return _work_sweeps(self.epc["work"], rank, self.epc["min_iters"], self.epc["iters"])
 
     def admm_sweeps(self, rank: int) -> int:
         """Outer AO-ADMM sweeps at most of a rank-``rank`` layer: ``admm_outer``, or under ``admm_work > 0``
         ``clamp(admm_work / R^3, admm_min_outer, admm_outer)``."""
         if self.admm["work"] == 0:
             return self.admm["outer"]
-        return int(min(self.admm["outer"], max(self.admm["min_outer"], self.admm["work"] / rank**3)))
+        return _work_sweeps(self.admm["work"], rank, self.admm["min_outer"], self.admm["outer"])
+
+    def solve_epc(self, tensor: Tensor, start: list[Tensor]) -> epc_module.EPCResult:
+        """EPC of ``start`` (rank ``R`` factors of ``tensor``) with this method's budget."""
+        return cp_epc(tensor, start, n_iter=self.epc_sweeps(start[0].shape[1]), tol=self.epc["tol"],
+                      one_step=self.epc["one_step"])
+
+    def solve_admm(self, tensor: Tensor, start: list[Tensor]) -> admm_module.ADMMResult:
+        """AO-ADMM from ``start`` with this method's grids and budget."""
+        admm = self.admm
+        return admm_module.cp_admm(tensor, start, self.grid_factory, max_outer=self.admm_sweeps(start[0].shape[1]),
+                                   max_inner=admm["inner"], tol_inner=admm["tol_inner"], tol_outer=admm["tol_outer"],
+                                   patience=admm["patience"], relaxation=admm["relaxation"])
 
     def _start(self, tensor: Tensor, rank: int, keys: dict[str, dict], cache: FactorCache, seed: int,
                hits: list[bool], seconds: dict[str, float]) -> list[Tensor]:
@@ -334,10 +343,9 @@ class CP(DecompositionMethod):
         als = _as_list(stored, dev, dt)
         if "epc" not in keys:
             return als
-        sweeps = keys["epc"]["epc"]["sweeps"]
 
         def run_epc() -> tuple[dict[str, Tensor], dict[str, Any]]:
-            res = cp_epc(tensor, als, n_iter=sweeps, tol=self.epc["tol"], one_step=self.epc["one_step"])
+            res = self.solve_epc(tensor, als)
             return _as_dict(res.factors), {"iterations": res.iterations, "error": res.error}
 
         stored, _, hit = cache.get_or_compute(keys["epc"], _timed(run_epc, seconds, "seconds_epc"), schema=schema)
@@ -375,6 +383,11 @@ def _as_list(stored: dict[str, Tensor], device: torch.device, dtype: torch.dtype
 
 def _factor_schema(modes: int) -> dict[str, Any]:
     return {"tensors": [f"factor{n}" for n in range(modes)], "meta": ["iterations", "error"]}
+
+
+def _work_sweeps(work: float, rank: int, low: int, high: int) -> int:
+    """``clamp(work / R^3, low, high)`` sweeps: a sweep at rank R costs about R^3."""
+    return int(min(high, max(low, work / rank**3)))
 
 
 def _admm_schema(modes: int) -> dict[str, Any]:
